@@ -1,0 +1,3 @@
+"""evformer: event-camera datasets and spiking vision transformers."""
+
+__version__ = "0.1.0"

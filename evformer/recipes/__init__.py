@@ -1,0 +1,1 @@
+"""Training recipes: one entry point per dataset (``python -m evformer.recipes.<name>``)."""
