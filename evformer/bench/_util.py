@@ -1,0 +1,65 @@
+"""Timing, memory-bandwidth and table helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def best_time(fn: Callable[[], object], *, repeat: int = 5, min_seconds: float = 0.0) -> float:
+    """Best wall time in seconds of ``fn()`` over ``repeat`` calls (after one warm-up call).
+
+    The minimum is the least noisy estimate on a shared machine. When ``min_seconds``
+    is set, calls continue past ``repeat`` until that much time has been spent.
+    """
+    fn()
+    best = float("inf")
+    spent = 0.0
+    i = 0
+    while i < repeat or spent < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = min(best, dt)
+        spent += dt
+        i += 1
+    return best
+
+
+def memory_bandwidth_gbs(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
+    """Single-thread read bandwidth in GB/s: best time of one ``sum`` pass over ``nbytes``.
+
+    This is the ceiling for any one-pass kernel over data of that size.
+    """
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    t = best_time(lambda: a.sum(), repeat=repeat)
+    return a.nbytes / t / 1e9
+
+
+def machine_summary() -> str:
+    """One line describing the machine the benchmark ran on."""
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a Markdown table (so results paste straight into the README)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+
+
+def _fmt(c: object) -> str:
+    if isinstance(c, float):
+        if c != c:  # NaN: not measured
+            return "n/a"
+        return f"{c:.3g}" if abs(c) < 1000 else f"{c:,.0f}"
+    return str(c)
