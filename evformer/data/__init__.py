@@ -5,7 +5,62 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule of evformer.data that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    # cache.py
+    "CACHE_FORMAT_VERSION": "cache",
+    "CachePreparationError": "cache",
+    "EventCache": "cache",
+    "EventFrameDataset": "cache",
+    "FrameCache": "cache",
+    "PrepareReport": "cache",
+    "cache_is_current": "cache",
+    "ensure_event_cache": "cache",
+    "fingerprint": "cache",
+    "prepare_event_cache": "cache",
+    # neuromorphic.py
+    "DatasetNotFoundError": "neuromorphic",
+    "DVSGesture": "neuromorphic",
+    "CIFAR10DVS": "neuromorphic",
+    "cifar10dvs_split": "neuromorphic",
+    # synthetic.py
+    "SyntheticGesture": "synthetic",
+    # static.py
+    "CIFAR10": "static",
+    "CIFAR100": "static",
+    "ImageNet": "static",
+    "RepeatEncoder": "static",
+    "PoissonEncoder": "static",
+    "RandAugment": "static",
+    "cifar_train_transform": "static",
+    "cifar_eval_transform": "static",
+    "imagenet_train_transform": "static",
+    "imagenet_eval_transform": "static",
+    # transforms.py
+    "worker_generator": "transforms",
+    "worker_rng": "transforms",
+    "seed_worker": "transforms",
+    "hflip": "transforms",
+    "roll": "transforms",
+    "translate": "transforms",
+    "rotate": "transforms",
+    "shear_x": "transforms",
+    "erase": "transforms",
+    "resize": "transforms",
+    "FrameTransform": "transforms",
+    "Identity": "transforms",
+    "RandomHorizontalFlip": "transforms",
+    "RandomRoll": "transforms",
+    "RandomRotate": "transforms",
+    "RandomShearX": "transforms",
+    "RandomTranslate": "transforms",
+    "RandomErasing": "transforms",
+    "Resize": "transforms",
+    "Compose": "transforms",
+    "RandomChoice": "transforms",
+    "POLICIES": "transforms",
+    "get_policy": "transforms",
+    "Mixup": "transforms",
+}
 
 __all__ = list(_LAZY)
 
