@@ -46,3 +46,42 @@ def test_sort_events_is_stable():
     assert s["t"].tolist() == [1, 1, 3, 3]
     assert s["x"].tolist() == [1, 3, 0, 2]  # equal timestamps keep their order
     assert is_sorted(empty_events()["t"])
+
+
+def test_parallel_numba_kernels_survive_fork():
+    """A forked worker runs a parallel kernel after its parent ran one (DataLoader pattern)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    # A fresh interpreter, so the threading layer is chosen there, as in a user's program.
+    code = textwrap.dedent(
+        """
+        import multiprocessing as mp
+        import numpy as np
+        import evformer  # noqa: F401  (chooses the fork-safe threading layer)
+        from numba import njit, prange
+
+        @njit(parallel=True)
+        def total(a):
+            s = 0.0
+            for i in prange(a.shape[0]):
+                s += a[i]
+            return s
+
+        def child(_):
+            return total(np.ones(10_000))
+
+        if __name__ == "__main__":
+            assert total(np.ones(10_000)) == 10_000
+            with mp.get_context("fork").Pool(2) as pool:
+                print(pool.map(child, range(2)))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert "[10000.0, 10000.0]" in out.stdout
