@@ -5,7 +5,58 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule of evformer.engine that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    # optim
+    "param_groups": "optim",
+    "build_optimizer": "optim",
+    "vit_layer_id": "optim",
+    "count_layers": "optim",
+    # schedule
+    "lr_at": "schedule",
+    "CosineSchedule": "schedule",
+    # checkpoint
+    "save_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "atomic_torch_save": "checkpoint",
+    "model_state_from": "checkpoint",
+    "capture_rng_state": "checkpoint",
+    "restore_rng_state": "checkpoint",
+    # distributed
+    "DistInfo": "distributed",
+    "init_distributed": "distributed",
+    "cleanup_distributed": "distributed",
+    "resolve_device": "distributed",
+    "all_reduce": "distributed",
+    "all_gather_objects": "distributed",
+    "barrier": "distributed",
+    # sampling
+    "EpochSampler": "sampling",
+    "ShardSampler": "sampling",
+    "SeededTransformDataset": "sampling",
+    "epoch_generator": "sampling",
+    # metrics
+    "accuracy": "metrics",
+    "topk_correct": "metrics",
+    "confusion_matrix": "metrics",
+    "per_class_accuracy": "metrics",
+    # tracking
+    "MetricsLog": "tracking",
+    "write_run_info": "tracking",
+    "git_revision": "tracking",
+    "atomic_write_text": "tracking",
+    # trainer
+    "FitConfig": "trainer",
+    "FitResult": "trainer",
+    "EvalResult": "trainer",
+    "NonFiniteLossError": "trainer",
+    "Trainer": "trainer",
+    "fit": "trainer",
+    "evaluate": "trainer",
+    "evaluate_time_steps": "trainer",
+    "classification_loss": "trainer",
+    "reset_states": "trainer",
+    "seed_everything": "trainer",
+}
 
 __all__ = list(_LAZY)
 

@@ -32,7 +32,9 @@ class Columns(NamedTuple):
     y: np.ndarray
     p: np.ndarray
 
-    def __len__(self) -> int:  # type: ignore[override]
+    @property
+    def n_events(self) -> int:
+        """Number of events (``len()`` stays the tuple's length, 4)."""
         return int(self.t.shape[0])
 
 

@@ -5,7 +5,41 @@ from __future__ import annotations
 import importlib
 
 # public name -> submodule of evformer.models that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    # neurons and surrogates
+    "LIFNode": "neurons",
+    "LIFParams": "neurons",
+    "lif_reference": "neurons",
+    "reset_net": "neurons",
+    "step_states": "neurons",
+    "Sigmoid": "surrogate",
+    "ATan": "surrogate",
+    "get_surrogate": "surrogate",
+    "available_backends": "_kernels",
+    # layers
+    "ConvBNLIF": "layers",
+    "LinearBNLIF": "layers",
+    "SPS": "layers",
+    "SCS": "layers",
+    "SpikingSelfAttention": "layers",
+    "MLP": "layers",
+    "EncoderBlock": "layers",
+    # models and registry
+    "Spikformer": "spikformer",
+    "SpikformerV2": "spikformer",
+    "SpikformerConfig": "spikformer",
+    "SpikformerV2Config": "spikformer",
+    "create_model": "registry",
+    "list_models": "registry",
+    "model_config": "registry",
+    "register_model": "registry",
+    "PAPER_PARAMS": "registry",
+    # official checkpoints, energy
+    "load_official_checkpoint": "official",
+    "convert_official_state_dict": "official",
+    "energy_report": "energy",
+    "EnergyReport": "energy",
+}
 
 __all__ = list(_LAZY)
 
