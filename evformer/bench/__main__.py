@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         lines = [f"  {name:<8} {what}" for name, what in BENCHMARKS.items()]
-        print("usage: python -m evformer.bench <name> [options]\n\nbenchmarks:\n" + "\n".join(lines))
+        usage = "usage: python -m evformer.bench <name> [options]\n\nbenchmarks:\n"
+        print(usage + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown benchmark {argv[0]!r}", file=sys.stderr)
             return 2

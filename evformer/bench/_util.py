@@ -43,7 +43,8 @@ def machine_summary() -> str:
     """One line describing the machine the benchmark ran on."""
     import os
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cpus, Python {platform.python_version()}"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
