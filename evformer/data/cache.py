@@ -904,6 +904,11 @@ class EventFrameDataset(Dataset):
         """Labels as a list (the torchvision attribute name, used by samplers)."""
         return self.cache.labels.tolist()
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Sources skipped at preparation (``skip_bad=True``): (source name, reason)."""
+        return list(self.cache.bad)
+
     def events(self, i: int) -> np.ndarray:
         """Events of sample ``i`` in the output orientation (before augmentation/resize)."""
         c = self.orient_events(self.cache.columns(i))

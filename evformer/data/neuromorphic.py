@@ -270,11 +270,6 @@ class DVSGesture(EventFrameDataset):
         )
         _check_skipped(cache, skip_bad)
 
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """Recordings skipped at preparation (``skip_bad=True``): (file, reason)."""
-        return list(self.cache.bad)
-
     @classmethod
     def locate(cls, root: Path) -> Path:
         """The DvsGesture folder under ``root`` (or ``root`` itself), else DatasetNotFoundError."""
@@ -440,11 +435,6 @@ class CIFAR10DVS(EventFrameDataset):
             progress=progress,
         )
         _check_skipped(cache, skip_bad)
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """Recordings skipped at preparation (``skip_bad=True``): (file, reason)."""
-        return list(self.cache.bad)
 
     def orient_events(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.orientation == "sensor":
