@@ -101,7 +101,8 @@ class _LIFFunction(torch.autograd.Function):
 def lif_fused(x_seq: torch.Tensor, params: LIFParams, backend: str) -> torch.Tensor:
     """Multi-step LIF through a fused kernel set (``backend`` "numba" or "triton")."""
     T = x_seq.shape[0]
-    x3 = x_seq.contiguous().view(T, 1, -1)
+    # a bare LIF has no channels: one "channel" and many rows tiles and parallelises best
+    x3 = x_seq.contiguous().view(T, -1, 1)
     return _LIFFunction.apply(x3, params, backend).view(x_seq.shape)
 
 
