@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from evformer._lazy import lazy_exports
 
 # public name -> submodule of evformer.engine that defines it
 _LAZY: dict[str, str] = {
@@ -61,10 +61,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'evformer.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"evformer.engine.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

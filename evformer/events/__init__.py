@@ -6,8 +6,7 @@ workers stay light. Names are imported lazily on first use.
 
 from __future__ import annotations
 
-import importlib
-
+from evformer._lazy import lazy_exports
 from evformer.events.core import EVENT_DTYPE, FIELDS, Columns, columns, from_columns, sort_events
 
 # public name -> submodule that defines it (loaded on first access)
@@ -71,10 +70,4 @@ _LAZY = {
 __all__ = ["EVENT_DTYPE", "FIELDS", "Columns", "columns", "from_columns", "sort_events", *_LAZY]
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'evformer.events' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"evformer.events.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -3,7 +3,7 @@ so importing evformer never imports matplotlib)."""
 
 from __future__ import annotations
 
-import importlib
+from evformer._lazy import lazy_exports
 
 # public name -> submodule of evformer.viz that defines it
 _LAZY: dict[str, str] = {
@@ -16,10 +16,4 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'evformer.viz' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"evformer.viz.{mod}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
