@@ -572,3 +572,73 @@ def test_bad_containers_raise():
         to_frames({"t": np.zeros(3), "x": np.zeros(3)}, 2)
     with pytest.raises(ValueError, match="must be integer"):
         to_frames({f: np.zeros(3) for f in "txyp"}, 2)
+
+
+def _error_message(events, *args) -> str | None:
+    """The message of the ValueError that ``to_frames(events, *args)`` raises, or None."""
+    try:
+        to_frames(events, *args)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("x_type", [np.int16, np.uint16, np.int32, np.int64, np.uint8])
+def test_long_column_streams_check_every_block(x_type):
+    # Column input is checked block by block (tens of thousands of events) before the
+    # counting: a bad value or a disorder deep in a later block, right at a block's
+    # start or end, or after an earlier disorder, is still found with the index of the
+    # first bad event, exactly as the record path (checked event by event) finds it.
+    rng = np.random.default_rng(11)
+    n = 70_001
+    events = make_stream(rng, n, 10**6)
+    counts = to_frames(events, 3, "number", H, W)
+    for where in (0, 1, 16_383, 16_384, 16_385, 32_768, 50_000, n - 1):
+        cases = [("x", W), ("y", H), ("p", 2), ("x", -1), ("p", -1), ("t", -1), ("t", 1)]
+        for field, value in cases:
+            if field != "t" and value < 0 and np.dtype(x_type).kind == "u":
+                continue
+            bad = events.copy()
+            if field == "t":
+                # one event far out of order: before the first or after the last
+                bad["t"][where] = bad["t"][0] - 10**6 if value < 0 else bad["t"][-1] + 10**6
+            else:
+                bad[field][where] = value
+            cols = {f: np.ascontiguousarray(bad[f]) for f in ("t", "x", "y", "p")}
+            cols["x"] = cols["x"].astype(x_type)
+            cols["y"] = cols["y"].astype(x_type)
+            cols["p"] = cols["p"].astype(x_type)
+            for split_by in ("number", "time"):
+                expected = _error_message(bad, 3, split_by, H, W)
+                got = _error_message(cols, 3, split_by, H, W)
+                assert got == expected
+                if field == "t":
+                    assert got is None
+                    np.testing.assert_array_equal(
+                        to_frames(cols, 3, split_by, H, W), to_frames(bad, 3, split_by, H, W)
+                    )
+                else:
+                    assert f"at event index {where} " in got
+    # sorted and clean: the same counts from every column type
+    cols = {f: np.ascontiguousarray(events[f]).astype(x_type) for f in ("x", "y", "p")}
+    cols["t"] = events["t"]
+    np.testing.assert_array_equal(to_frames(cols, 3, "number", H, W), counts)
+
+
+def test_negative_coordinates_fail_on_frames_wider_than_their_type():
+    # int16 x = -30000 (35536 as uint16) must fail also when the width exceeds 2**15
+    # (the block check compares the unsigned maxima against min(width, 2**15) for signed
+    # 16-bit columns)
+    n = 40_000
+    cols = {
+        "t": np.arange(n, dtype=np.int64),
+        "x": np.full(n, 5, dtype=np.int16),
+        "y": np.zeros(n, dtype=np.int16),
+        "p": np.ones(n, dtype=np.int8),
+    }
+    cols["x"][20_000] = -30_000
+    with pytest.raises(ValueError, match=r"'x' = -30000 at event index 20000"):
+        to_frames(cols, 2, "number", height=1, width=40_000)
+    cols["x"][20_000] = 32_767
+    frames = to_frames(cols, 2, "number", height=1, width=40_000)
+    assert frames[1, 1, 0, 32_767] == 1 and frames.sum() == n

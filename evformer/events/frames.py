@@ -48,7 +48,9 @@ value and event index (in the stream as given).
 
 Speed: ``split_by="number"`` is one pass over the events; ``split_by="time"`` and
 ``duration`` find the T bin edges by bisection (O(T log N)) and then make the same one
-pass. That pass also checks order and ranges, so valid input is read once. A single
+pass. That pass also checks order and ranges, so valid input is read once from memory
+(integer columns are checked by vectorised reductions over blocks of 16384 events and
+the clean blocks then counted without tests from L2; records are checked event by event). A single
 stream is binned on one thread (splitting its frames over threads measured slower on
 a shared 2-core machine, and dataset workers already run in parallel);
 ``to_frames_batch`` bins many streams at once (Numba ``prange`` over streams), from a
@@ -230,6 +232,96 @@ def _scan(ev, height, width):
     return _OK, -1
 
 
+# Events per block of ``_add_run``'s fast path for columns: the block's columns (13 bytes
+# per event, 213 KB) stay in L2 beside a 128x128 frame between the check and the count.
+# Measured on 1e6 events (DVS128, T = 16): 16384-65536 all ~1.23x the checking loop,
+# 4096 ~1.1x, 2048 ~1.05x (per-block overhead); interleaving the next block's check with
+# the counting in 256-event pieces, or folding the order check into the counting loop,
+# measured slower.
+_BLOCK = np.uint64(16384)
+
+
+def _block_clean(ev, j, end, prev, height, width):
+    """Whether events ``[j, end)`` (``j < end``) are all in order (also against ``prev``,
+    the time of event ``j - 1``) and in range (Numba only; columns only)."""
+    raise NotImplementedError("called from Numba kernels only")
+
+
+def _has_fast_path(ev):
+    """Whether ``_add_run`` checks ``ev`` by blocks first (Numba only)."""
+    raise NotImplementedError("called from Numba kernels only")
+
+
+def _fast_columns(ev) -> bool:
+    """Whether ``ev`` is a tuple of integer columns (the type, at compile time)."""
+    return isinstance(ev, types.BaseTuple) and all(isinstance(a.dtype, types.Integer) for a in ev)
+
+
+@overload(_has_fast_path, jit_options={"cache": True})
+def _has_fast_path_impl(ev):
+    # Integer columns: the checks vectorise (contiguous loads). The records of a
+    # structured array interleave the fields: their checks do not vectorise, and the
+    # checking loop measured faster there.
+    fast = _fast_columns(ev)
+    return lambda ev: fast
+
+
+def _unsigned_max_check(dtype):
+    """``(U, limit)`` for a column of integer ``dtype``: its values v are in ``[0, bound)``
+    iff ``max(U(v)) < min(bound, limit)``, U being the unsigned type of the same width
+    (a negative v becomes at least 2**(bits-1) = limit; a non-negative v of a signed
+    type is below it)."""
+    bits = dtype.bitwidth
+    unsigned = getattr(np, f"uint{bits}")
+    limit = 2 ** (bits - 1) if dtype.signed else 2**64 - 1
+    return unsigned, np.uint64(limit)
+
+
+@overload(_block_clean, jit_options={"cache": True})
+def _block_clean_impl(ev, j, end, prev, height, width):
+    if not _fast_columns(ev):
+        # typed but never taken (_has_fast_path is False there)
+        return lambda ev, j, end, prev, height, width: False
+    ux, lim_x = _unsigned_max_check(ev[1].dtype)
+    uy, lim_y = _unsigned_max_check(ev[2].dtype)
+    up, lim_p = _unsigned_max_check(ev[3].dtype)
+
+    def impl(ev, j, end, prev, height, width):
+        # Branch-free reductions, one loop per column so that LLVM vectorises each, in
+        # the columns' own width (int16 x: 32 lanes per AVX-512 op): any t[k] < t[k - 1],
+        # and the unsigned maxima of x, y, p. Integers, not bools, are or-ed.
+        t = ev[0]
+        x = ev[1]
+        y = ev[2]
+        p = ev[3]
+        bad = np.uint64(np.int64(t[j]) < prev)
+        k = j + _U1
+        while k < end:
+            bad |= np.uint64(np.int64(t[k]) < np.int64(t[k - _U1]))
+            k += _U1
+        mx = ux(0)
+        k = j
+        while k < end:
+            mx = max(mx, ux(x[k]))
+            k += _U1
+        my = uy(0)
+        k = j
+        while k < end:
+            my = max(my, uy(y[k]))
+            k += _U1
+        mp = up(0)
+        k = j
+        while k < end:
+            mp = max(mp, up(p[k]))
+            k += _U1
+        bad |= np.uint64(np.uint64(mx) >= min(width, lim_x))
+        bad |= np.uint64(np.uint64(my) >= min(height, lim_y))
+        bad |= np.uint64(np.uint64(mp) >= min(np.uint64(2), lim_p))
+        return bad == 0
+
+    return impl
+
+
 @njit(cache=True)
 def _add_run(ev, i, stop, first, height, width, out, base):
     """Count events ``[i, stop)`` into the frame at ``out[base:]`` (flat ``[2, H, W]``),
@@ -237,6 +329,13 @@ def _add_run(ev, i, stop, first, height, width, out, base):
 
     Returns ``(status, index)``: ``(_OK, -1)``, or a bad event's status and index (the
     frame is then partly filled and must be discarded).
+
+    Integer columns take a fast path: each block of ``_BLOCK`` events is first checked
+    by branch-free vector reductions (``_block_clean``, exact) and, when clean, counted by
+    a loop without tests (the counting alone runs ~0.85 ns/event, the checks ~0.3); a
+    block that fails is counted by the checking loop, which stops at its first bad event
+    (order is checked first, as in the event-by-event loop). Records take the checking
+    loop throughout.
     """
     if i >= stop:
         return _OK, -1
@@ -249,14 +348,24 @@ def _add_run(ev, i, stop, first, height, width, out, base):
     ubase = np.uint64(base)
     j = np.uint64(i)
     end = np.uint64(stop)
+    fast = _has_fast_path(ev)
     while j < end:
-        tj, xv, yv, pv = _event(ev, j)
-        st = _event_status(tj < prev, xv, yv, pv, uh, uw)
-        if st != _OK:
-            return st, np.int64(j)
-        prev = tj
-        out[ubase + pv * hw + yv * uw + xv] += 1
-        j += _U1
+        bend = min(j + _BLOCK, end) if fast else end
+        if fast and _block_clean(ev, j, bend, prev, uh, uw):
+            while j < bend:
+                tj, xv, yv, pv = _event(ev, j)
+                out[ubase + pv * hw + yv * uw + xv] += 1
+                j += _U1
+            prev = _time(ev, bend - _U1)
+            continue
+        while j < bend:
+            tj, xv, yv, pv = _event(ev, j)
+            st = _event_status(tj < prev, xv, yv, pv, uh, uw)
+            if st != _OK:
+                return st, np.int64(j)
+            prev = tj
+            out[ubase + pv * hw + yv * uw + xv] += 1
+            j += _U1
     return _OK, -1
 
 
