@@ -34,22 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from evformer.bench._util import machine_summary, print_table
+from evformer.data.neuromorphic import CIFAR10_DVS_CLASSES as _CLASSES
 from evformer.events.aedat import write_aedat2, write_aedat31
 from evformer.events.core import EVENT_DTYPE
 
 _LIGHTING = ("fluorescent", "fluorescent_led", "lab", "led", "natural")
-_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
 
 
 def _stream(rng: np.random.Generator, n: int, t0: int, span: int) -> np.ndarray:
