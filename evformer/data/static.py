@@ -435,6 +435,22 @@ class _CIFARMixin:
     _std: tuple[float, ...]
     _name: str
 
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        transform: Callable | str | None = _PAPER,
+        target_transform: Callable | None = None,
+        *,
+        download: bool = False,
+        verify: bool = True,
+    ) -> None:
+        train, tf = self._setup(root, split, transform, verify, download)
+        self.split = split
+        super().__init__(
+            root, train=train, transform=tf, target_transform=target_transform, download=download
+        )
+
     def _setup(
         self, root: str | os.PathLike, split: str, transform: Any, verify: bool, download: bool
     ) -> tuple[bool, Callable | None]:
@@ -511,43 +527,11 @@ class CIFAR10(_CIFARMixin, torchvision.datasets.CIFAR10):
 
     _mean, _std, _name = CIFAR10_MEAN, CIFAR10_STD, "CIFAR-10"
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        transform: Callable | str | None = _PAPER,
-        target_transform: Callable | None = None,
-        *,
-        download: bool = False,
-        verify: bool = True,
-    ) -> None:
-        train, tf = self._setup(root, split, transform, verify, download)
-        self.split = split
-        super().__init__(
-            root, train=train, transform=tf, target_transform=target_transform, download=download
-        )
-
 
 class CIFAR100(_CIFARMixin, torchvision.datasets.CIFAR100):
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python``; as ``CIFAR10`` otherwise."""
 
     _mean, _std, _name = CIFAR100_MEAN, CIFAR100_STD, "CIFAR-100"
-
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        transform: Callable | str | None = _PAPER,
-        target_transform: Callable | None = None,
-        *,
-        download: bool = False,
-        verify: bool = True,
-    ) -> None:
-        train, tf = self._setup(root, split, transform, verify, download)
-        self.split = split
-        super().__init__(
-            root, train=train, transform=tf, target_transform=target_transform, download=download
-        )
 
 
 class ImageNet(torchvision.datasets.ImageFolder):
