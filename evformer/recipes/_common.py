@@ -70,7 +70,7 @@ class RecipeConfig:
     amp_dtype: str = "float16"
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: for models with parameters a step may skip
-    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    device: str = "auto"  # auto, cpu, cuda, or cuda:<index>
     # -- run
     seed: int = 0
     out: str | None = None  # run directory (default runs/<recipe>/<time>)
