@@ -24,6 +24,11 @@ environment is passed on, so e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP th
 instead of spinning between ops, which frees the cores for evformer's Numba kernels and
 helps on a busy machine) applies to both libraries alike.
 Targets: step time <= 0.8x and peak memory <= 0.6x spikingjelly's.
+
+``--breakdown`` adds, per library, one step under the torch profiler split into the dense
+products (convolutions, their backward, matrix products: the same FLOPs in both libraries)
+and everything else (normalisation, neurons, attention glue, optimizer, framework). The
+profiler adds overhead, so these seconds exceed the timed step; the split is what they show.
 """
 
 from __future__ import annotations
@@ -118,6 +123,32 @@ def _rss(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
+#: profiler op names of the dense products (convolution and matrix-multiply kernels)
+DENSE_OPS = frozenset(
+    {
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::cudnn_convolution",
+        "aten::mm",
+        "aten::bmm",
+        "aten::addmm",
+        "aten::baddbmm",
+    }
+)
+
+
+def _breakdown(step) -> dict:
+    """Seconds of one profiled step: total self time, and the dense products' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS) / 1e6
+    return {"profiled_s": total, "dense_s": dense}
+
+
 def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
     import torch
 
@@ -129,6 +160,8 @@ def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
     if what == "time":
         t = best_time(step, repeat=repeat)
         return {"lib": lib, "config": config, "time_s": t, "params": params}
+    if what == "breakdown":
+        return {"lib": lib, "config": config, **_breakdown(step)}
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -166,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of cifar, dvs")
     ap.add_argument("--repeat", type=int, default=3, help="timed steps per run (best is kept)")
     ap.add_argument("--threads", type=int, default=0, help="threads per worker (0: all cores)")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="split a profiled step: dense products / rest"
+    )
     ap.add_argument("--worker", nargs=3, metavar=("LIB", "CONFIG", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -188,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         print(f"# GPU: {torch.cuda.get_device_name()}")
     print(f"# torch {torch.__version__}, threads per worker {args.threads or os.cpu_count()}")
-    rows, ok = [], True
+    rows, ok, split = [], True, []
     t0 = time.perf_counter()
     for config in configs:
         res = {
@@ -198,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             for lib in LIBS
         }
+        if args.breakdown and args.device == "cpu":
+            for lib in LIBS:
+                b = _run_worker(lib, config, args, "breakdown")
+                rest = b["profiled_s"] - b["dense_s"]
+                times = (b["profiled_s"], b["dense_s"], rest)
+                split.append([config, lib, *(f"{x:.3f}" for x in times)])
         ev, sj = res["evformer"], res["spikingjelly"]
         rt, rm = ev["time_s"] / sj["time_s"], ev["peak_mb"] / sj["peak_mb"]
         ok &= rt <= TIME_TARGET and rm <= MEMORY_TARGET
@@ -224,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    if split:
+        print("\n### One profiled step (CPU self time, s)\n")
+        print_table(["config", "library", "profiled step", "dense products", "rest"], split)
     print(f"\ntargets {'met' if ok else 'NOT met'}; total {time.perf_counter() - t0:.0f} s")
     return 0
 
