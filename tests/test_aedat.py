@@ -127,6 +127,37 @@ def test_aedat2_hand_crafted_bytes_and_wrap(tmp_path):
     np.testing.assert_array_equal(read_both(read_aedat, path), want)
 
 
+def test_aedat2_skips_dvs128_special_events(tmp_path):
+    # Bit 15 flags a DVS128 external-input (special) event: no pixel, skipped. Its
+    # timestamp still counts for the wrap detection: here the special event carries
+    # the counter's wrap, so the polarity event after it lies beyond 2**32.
+    recs = [
+        (0x8000, 3),  # special first
+        (0x0407, 10),
+        (0x8001 | (5 << 1), 0xFFFFFFF0),  # special, with pixel-like bits set
+        (0x0001, 0xFFFFFFF8),
+        (0xFFFF, 2),  # special, all low bits set; the counter wrapped
+        (0x0202, 5),
+        (0x8000, 6),  # special last
+    ]
+    body = b"".join(struct.pack(">II", a, t) for a, t in recs)
+    path = write(tmp_path, "sync.aedat", H20 + body)
+    want = events([(10, 3, 4, 1), (4294967288, 0, 0, 1), (4294967301, 1, 2, 0)])
+    np.testing.assert_array_equal(read_both(read_aedat2, path), want)
+    np.testing.assert_array_equal(read_both(read_aedat, path), want)
+    # only special events: an empty stream
+    only = write(tmp_path, "only.aedat", H20 + struct.pack(">II", 0x8000, 1) * 3)
+    assert read_both(read_aedat2, only).shape == (0,)
+    # disorder among the polarity events is reported at its record's byte offset
+    recs = [(0x0407, 10), (0x8000, 12), (0x0202, 4)]
+    body = b"".join(struct.pack(">II", a, t) for a, t in recs)
+    path = write(tmp_path, "unsorted.aedat", H20 + body)
+    with pytest.raises(AedatError) as e:
+        read_both(read_aedat2, path, on_unsorted="raise")
+    assert e.value.offset == len(H20) + 16
+    np.testing.assert_array_equal(read_both(read_aedat2, path)["t"], [4, 10])
+
+
 def test_empty_files(tmp_path):
     for data, fn in [
         (H31, read_aedat31),
@@ -396,7 +427,7 @@ def test_aedat2_errors(tmp_path):
     )
     path = write(tmp_path, "davis.aedat", H20 + good + davis)
     err = assert_error(path, read_aedat2, len(H20) + 8, "DAVIS", "0x80007000")
-    assert "bits above bit 14" in err.reason
+    assert "bits above bit 15" in err.reason
     path = write(tmp_path, "davis2.aedat", H20 + good + davis[8:])
     assert_error(path, read_aedat, len(H20) + 8, "x = bits 12-21 = 200", "y = bits 22-30 = 100")
     path = write(tmp_path, "trail.aedat", H20 + good * 3 + good[:5])

@@ -269,8 +269,9 @@ def _raise_code(path, code: int, offset: int, a: int, b: int, sources: str = "")
         )
     elif code == _E_DAVIS_ADDR:
         why = (
-            f"address 0x{a:08x} has bits above bit 14 set, impossible for a DVS128 "
-            f"(bit 0 polarity, bits 1-7 x, bits 8-14 y); the file looks like a DAVIS "
+            f"address 0x{a:08x} has bits above bit 15 set, impossible for a DVS128 "
+            f"(bit 0 polarity, bits 1-7 x, bits 8-14 y, bit 15 special event); the file "
+            f"looks like a DAVIS "
             f"recording (bit 31 APS/IMU flag, x = bits 12-21 = {(a >> 12) & 0x3FF}, "
             f"y = bits 22-30 = {(a >> 22) & 0x1FF}), which this reader does not decode"
         )
@@ -567,64 +568,81 @@ def _bswap32(v):
     )
 
 
+# DVS128 address bit 15 flags an external-input ("special") event, e.g. a sync pulse on
+# the camera's input pin (jAER's DVS128 layout): it carries no pixel, so it is not a
+# polarity event and is skipped, exactly as the AEDAT 3.1 reader skips special packets.
+# Its timestamp still belongs to the counter, so it takes part in the wrap detection.
+_SPECIAL_BIT = 0x8000
+_DVS128_ADDR_MAX = 0xFFFF
+
+
 @njit(cache=True)
 def _decode2_nb(words, out):
-    """Decode DVS128 AEDAT 2.0 records into ``out`` (EVENT_DTYPE).
+    """Decode DVS128 AEDAT 2.0 records into ``out`` (EVENT_DTYPE), skipping special events.
 
     ``words`` holds the records as uint32 in file (big-endian) byte order, read
     as little endian: 2 per record (address, timestamp), byte-swapped here.
     Timestamps are read as uint32 and unwrapped: a backward step of more than
     2**31 µs is a counter wrap and adds 2**32 to this and all later events.
-    Returns (err, err_record, address, first_unsorted_record or -1).
+    Returns (err, err_record, address, first_unsorted_record or -1, events written).
     """
     wraps = np.int64(0)
     prev_raw = np.int64(0)
     prev = np.int64(-1)
     unsorted = -1
-    for i in range(out.shape[0]):
+    j = 0
+    for i in range(words.shape[0] // 2):
         addr = _bswap32(words[2 * i])
-        if addr > np.uint32(0x7FFF):
-            return _E_DAVIS_ADDR, i, np.int64(addr), unsorted
+        if addr > np.uint32(_DVS128_ADDR_MAX):
+            return _E_DAVIS_ADDR, i, np.int64(addr), unsorted, j
         raw = np.int64(_bswap32(words[2 * i + 1]))
         if i > 0 and prev_raw - raw > _HALF32:
             wraps += 1
         prev_raw = raw
+        # branch-free skip: every record is written at j, which advances past
+        # polarity events only (a special event is overwritten by the next one)
+        keep = (addr & np.uint32(_SPECIAL_BIT)) == 0
         ti = raw + (wraps << 32)
-        if ti < prev and unsorted < 0:
+        if keep and ti < prev and unsorted < 0:
             unsorted = i
-        prev = ti
-        out[i].t = ti
-        out[i].x = (addr >> np.uint32(1)) & np.uint32(0x7F)
-        out[i].y = (addr >> np.uint32(8)) & np.uint32(0x7F)
-        out[i].p = addr & np.uint32(1)
-    return _OK, 0, 0, unsorted
+        prev = ti if keep else prev
+        out[j].t = ti
+        out[j].x = (addr >> np.uint32(1)) & np.uint32(0x7F)
+        out[j].y = (addr >> np.uint32(8)) & np.uint32(0x7F)
+        out[j].p = addr & np.uint32(1)
+        j += np.int64(keep)
+    return _OK, 0, 0, unsorted, j
 
 
 def _read2_numpy(buf: np.ndarray, start: int, n_records: int, path):
     rec = buf[start : start + 8 * n_records].view(">u4").reshape(n_records, 2)
     addr = rec[:, 0]
-    bad = np.flatnonzero(addr > 0x7FFF)
+    bad = np.flatnonzero(addr > _DVS128_ADDR_MAX)
     if bad.size:
         i = int(bad[0])
         _raise_code(path, _E_DAVIS_ADDR, start + 8 * i, int(addr[i]), 0)
     raw = rec[:, 1].astype(np.int64)
     wraps = np.zeros(n_records, dtype=np.int64)
     wraps[1:] = np.cumsum(raw[:-1] - raw[1:] > _HALF32)
-    out = np.empty(n_records, dtype=EVENT_DTYPE)
-    out["t"] = raw + (wraps << 32)
+    keep = np.flatnonzero((addr & _SPECIAL_BIT) == 0)
+    addr = addr[keep]
+    out = np.empty(keep.size, dtype=EVENT_DTYPE)
+    out["t"] = (raw + (wraps << 32))[keep]
     out["x"] = (addr >> 1) & 0x7F
     out["y"] = (addr >> 8) & 0x7F
     out["p"] = addr & 1
     i = _first_unsorted(out["t"])
-    return out, (-1 if i < 0 else start + 8 * i)
+    return out, (-1 if i < 0 else start + 8 * int(keep[i]))
 
 
 def _read2_numba(buf: np.ndarray, start: int, n_records: int, path):
     out = np.empty(n_records, dtype=EVENT_DTYPE)
     words = buf[start : start + 8 * n_records].view("<u4")
-    err, ei, addr, unsorted = _decode2_nb(words, out)
+    err, ei, addr, unsorted, n_events = _decode2_nb(words, out)
     if err != _OK:
         _raise_code(path, err, start + 8 * ei, addr, 0)
+    if n_events < n_records:
+        out = out[:n_events].copy()  # special events skipped: release the unused tail
     return out, (-1 if unsorted < 0 else start + 8 * unsorted)
 
 
@@ -639,7 +657,8 @@ def read_aedat2(
 
     Records are big-endian ``uint32 address, int32 timestamp`` (µs). The DVS128
     address layout (``layout="dvs128"``, the only one supported) is bit 0 =
-    polarity (1 = ON), bits 1-7 = x (column), bits 8-14 = y (row). No flip or
+    polarity (1 = ON), bits 1-7 = x (column), bits 8-14 = y (row), bit 15 =
+    special event. No flip or
     transpose is applied: spikingjelly's CIFAR10-DVS orientation
     (x = 127 - y, y = 127 - x, p = 1 - p) is the dataset layer's business.
 
@@ -649,8 +668,12 @@ def read_aedat2(
     are disorder, handled by ``on_unsorted`` (``"sort"``: stable sort, default;
     ``"raise"``: ``AedatError`` at the first such record).
 
+    Addresses with bit 15 set are the DVS128's external-input (special) events,
+    e.g. sync pulses: they have no pixel and are skipped, as jAER does (and as
+    the AEDAT 3.1 reader skips special packets).
+
     Raises ``AedatError`` for a missing/other-version header, trailing bytes
-    that do not form a whole record, and any address with bits above 14 set
+    that do not form a whole record, and any address with bits above 15 set
     (a DAVIS-layout recording, which this reader must not decode as garbage);
     ``OSError`` when the file cannot be opened. Returns a 1-D ``EVENT_DTYPE``
     array, empty for a header-only file.

@@ -242,8 +242,9 @@ _BLOCK = 32768
 
 def _block_prepare(ev, j, end, prev, height, width, flat):
     """Flat frame indices ``p*H*W + y*W + x`` of events ``[j, end)`` into ``flat[:end-j]``
-    (an unsigned integer array wide enough for ``2*H*W - 1``), and whether they are all in order (also against ``prev``, the time of event
-    ``j - 1``) and in range, the indices being valid only then (Numba only; columns only)."""
+    (an unsigned integer array wide enough for ``2*H*W - 1``), and whether they are all
+    in order (also against ``prev``, the time of event ``j - 1``) and in range, the
+    indices being valid only then (Numba only; columns only)."""
     raise NotImplementedError("called from Numba kernels only")
 
 
