@@ -13,6 +13,7 @@ from spikingjelly.datasets.utils import (
 from tonic.transforms import ToFrame
 
 from evformer.events import EVENT_DTYPE, count_dtype, from_columns, to_frames, to_frames_batch
+from evformer.events import frames as frames_module
 from evformer.events.frames import _to_frames_reference
 
 # Non-square frames so that a swapped x/y shows up.
@@ -585,15 +586,19 @@ def _error_message(events, *args) -> str | None:
 
 @pytest.mark.parametrize("x_type", [np.int16, np.uint16, np.int32, np.int64, np.uint8])
 def test_long_column_streams_check_every_block(x_type):
-    # Column input is checked block by block (tens of thousands of events) before the
-    # counting: a bad value or a disorder deep in a later block, right at a block's
-    # start or end, or after an earlier disorder, is still found with the index of the
-    # first bad event, exactly as the record path (checked event by event) finds it.
+    # Column input is checked block by block (_BLOCK events from the start of each
+    # frame's run) before the counting: a bad value or a disorder deep in a later block,
+    # right at a block's or a frame's start or end, or after an earlier disorder, is
+    # still found with the index of the first bad event, exactly as the record path
+    # (checked event by event) finds it. Two frames of 35000 events: blocks start at
+    # 0, B and 35000, 35000 + B (B = 32768).
     rng = np.random.default_rng(11)
     n = 70_001
+    B = frames_module._BLOCK
     events = make_stream(rng, n, 10**6)
-    counts = to_frames(events, 3, "number", H, W)
-    for where in (0, 1, 16_383, 16_384, 16_385, 32_768, 50_000, n - 1):
+    counts = to_frames(events, 2, "number", H, W)
+    edges = (0, 1, B - 1, B, B + 1, 34_999, 35_000, 35_001, 50_000, 35_000 + B, n - 1)
+    for where in edges:
         cases = [("x", W), ("y", H), ("p", 2), ("x", -1), ("p", -1), ("t", -1), ("t", 1)]
         for field, value in cases:
             if field != "t" and value < 0 and np.dtype(x_type).kind == "u":
@@ -609,20 +614,20 @@ def test_long_column_streams_check_every_block(x_type):
             cols["y"] = cols["y"].astype(x_type)
             cols["p"] = cols["p"].astype(x_type)
             for split_by in ("number", "time"):
-                expected = _error_message(bad, 3, split_by, H, W)
-                got = _error_message(cols, 3, split_by, H, W)
+                expected = _error_message(bad, 2, split_by, H, W)
+                got = _error_message(cols, 2, split_by, H, W)
                 assert got == expected
                 if field == "t":
                     assert got is None
                     np.testing.assert_array_equal(
-                        to_frames(cols, 3, split_by, H, W), to_frames(bad, 3, split_by, H, W)
+                        to_frames(cols, 2, split_by, H, W), to_frames(bad, 2, split_by, H, W)
                     )
                 else:
                     assert f"at event index {where} " in got
     # sorted and clean: the same counts from every column type
     cols = {f: np.ascontiguousarray(events[f]).astype(x_type) for f in ("x", "y", "p")}
     cols["t"] = events["t"]
-    np.testing.assert_array_equal(to_frames(cols, 3, "number", H, W), counts)
+    np.testing.assert_array_equal(to_frames(cols, 2, "number", H, W), counts)
 
 
 def test_negative_coordinates_fail_on_frames_wider_than_their_type():
