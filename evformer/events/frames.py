@@ -51,9 +51,9 @@ Speed: ``split_by="number"`` is one pass over the events; ``split_by="time"`` an
 pass. That pass also checks order and ranges, so valid input is read once from memory
 (integer columns are indexed and checked by vectorised passes over blocks of 32768
 events, the clean blocks then counted from those indices without tests; records are
-checked event by event). A single
-stream is binned on one thread (splitting its frames over threads measured slower on
-a shared 2-core machine, and dataset workers already run in parallel);
+checked event by event). A single stream is binned on one thread (splitting its frames
+over threads measured slower on a shared 2-core machine, and dataset workers already
+run in parallel);
 ``to_frames_batch`` bins many streams at once (Numba ``prange`` over streams), from a
 list of streams or from concatenated columns plus offsets, the layout of the dataset
 cache.
