@@ -390,6 +390,16 @@ def test_aedat31_errors(tmp_path, name, body, offset, words):
     assert_error(path, read_aedat, offset + 36, *words)
 
 
+def test_aedat31_damaged_source_line_still_gives_the_aedat_error(tmp_path):
+    # a "#Source" header line without its colon (found by the fuzzer) is named as it
+    # stands in the message, instead of crashing the error path with an IndexError
+    header = H31.replace(b"#Source 1: DVS128", b"#Source 1 DAVIS")
+    body = packet(1, pol((3, 0))) + packet(1, pol(((200 << 17) | (5 << 2) | 1, 2)))
+    path = write(tmp_path, "src.aedat", header + body)
+    start = len(header) + 36 + 28  # the second packet's event
+    assert_error(path, read_aedat31, start, "x=200, y=5", "'#Source 1 DAVIS'")
+
+
 def test_aedat31_davis346_file_is_rejected(tmp_path):
     rng = np.random.default_rng(5)
     ev = random_events(rng, 300, t_max=10**6, size=346)

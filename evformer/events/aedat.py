@@ -224,7 +224,8 @@ def _header2(buf: np.ndarray, path) -> tuple[int, list[str]]:
 
 def _sources(lines: Sequence[str]) -> str:
     """The '#Source N: NAME' names of an AEDAT 3.1 header, for error messages."""
-    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("#Source")]
+    # "#Source 1: DVS128"; a damaged line without the colon is named as it stands
+    names = [ln.partition(":")[2].strip() or ln for ln in lines if ln.startswith("#Source")]
     return ", ".join(repr(n) for n in names) if names else "none declared"
 
 
