@@ -25,10 +25,13 @@ the divisions (by tau > 1 and by 1 + exp(.) > 0, never zero).
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types
+from numba import carray, cfunc, get_num_threads, njit, prange, types
 from numba.extending import overload
+
+from evformer.models._omp_team import address, next_chunk
 
 SIGMOID = 0
 ATAN = 1
@@ -147,13 +150,18 @@ def _expand(param, C, L):
     return out
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def bn_lif_forward(y, scale, shift, tau, v_th, v_reset, spikes, packed, write_packed, nchunks):
-    """Fused ``Z = scale*Y + shift`` + multi-step LIF over ``y [T, R, C]``.
+# Each parallel kernel below is a ``_*_chunk(i, nchunks, ...)`` function (the work of
+# chunk i: a contiguous range of rows, writing only its own outputs) run two ways with
+# identical results: the public ``prange`` loop, and a trampoline (``_*_team``, a C
+# callback) that torch's OpenMP team runs through :mod:`evformer.models._omp_team`. A
+# trampoline reads one int64 argument block: [0] the chunk counter the team's threads
+# draw from, [1] nchunks, then sizes, array addresses and float64 scalar bits.
 
-    Writes float spikes to ``spikes [T, R, C]`` and, when ``write_packed``, the same spikes
-    as uint8 to ``packed [T, R, C]`` (what the backward pass keeps).
-    """
+
+@njit(cache=True, error_model="numpy")
+def _bn_lif_forward_chunk(
+    i, nchunks, y, scale, shift, tau, v_th, v_reset, spikes, packed, write_packed
+):
     T, R, C = y.shape
     y2 = y.reshape(T, R * C)
     s2 = spikes.reshape(T, R * C)
@@ -164,28 +172,141 @@ def bn_lif_forward(y, scale, shift, tau, v_th, v_reset, spikes, packed, write_pa
     sh = _expand(shift, C, L)
     one = tau / tau
     zero = one - one
-    for i in prange(nchunks):
-        c0, c1 = _chunk(i, R, nchunks)
-        v = np.empty(L, dtype=y.dtype)
-        for r0 in range(c0, c1, tr):
-            n = (min(c1, r0 + tr) - r0) * C
-            base = r0 * C
-            v[:n] = v_reset
-            for t in range(T):
-                # 1-D slice views: flat indexing vectorises, 2-D indexing does not
-                yt = y2[t, base : base + n]
-                st = s2[t, base : base + n]
+    c0, c1 = _chunk(i, R, nchunks)
+    v = np.empty(L, dtype=y.dtype)
+    for r0 in range(c0, c1, tr):
+        n = (min(c1, r0 + tr) - r0) * C
+        base = r0 * C
+        v[:n] = v_reset
+        for t in range(T):
+            # 1-D slice views: flat indexing vectorises, 2-D indexing does not
+            yt = y2[t, base : base + n]
+            st = s2[t, base : base + n]
+            for k in range(n):
+                z = yt[k] * sc[k] + sh[k]
+                vv = v[k]
+                h = vv + (z - (vv - v_reset)) / tau
+                fire = h >= v_th
+                st[k] = one if fire else zero
+                v[k] = v_reset if fire else h
+            if write_packed:
+                pt = p2[t, base : base + n]
                 for k in range(n):
-                    z = yt[k] * sc[k] + sh[k]
-                    vv = v[k]
-                    h = vv + (z - (vv - v_reset)) / tau
-                    fire = h >= v_th
-                    st[k] = one if fire else zero
-                    v[k] = v_reset if fire else h
-                if write_packed:
-                    pt = p2[t, base : base + n]
-                    for k in range(n):
-                        pt[k] = 1 if st[k] != zero else 0
+                    pt[k] = 1 if st[k] != zero else 0
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def bn_lif_forward(y, scale, shift, tau, v_th, v_reset, spikes, packed, write_packed, nchunks):
+    """Fused ``Z = scale*Y + shift`` + multi-step LIF over ``y [T, R, C]``.
+
+    Writes float spikes to ``spikes [T, R, C]`` and, when ``write_packed``, the same spikes
+    as uint8 to ``packed [T, R, C]`` (what the backward pass keeps).
+    """
+    for i in prange(nchunks):
+        _bn_lif_forward_chunk(
+            i, nchunks, y, scale, shift, tau, v_th, v_reset, spikes, packed, write_packed
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def _bn_lif_backward_chunk(
+    i,
+    nchunks,
+    y,
+    scale,
+    shift,
+    mean,
+    grad_s,
+    tau,
+    v_th,
+    v_reset,
+    alpha,
+    kind,
+    detach_reset,
+    grad_z,
+    psum_g,
+    psum_gy,
+):
+    T, R, C = y.shape
+    y2 = y.reshape(T, R * C)
+    gs2 = grad_s.reshape(T, R * C)
+    gz2 = grad_z.reshape(T, R * C)
+    tr = _tile_rows(C)
+    L = tr * C
+    sc = _expand(scale, C, L)
+    sh = _expand(shift, C, L)
+    mn = _expand(mean, C, L)
+    one = tau / tau
+    zero = one - one
+    inv_tau = one / tau
+    half_pi_alpha = alpha * y.dtype.type(math.pi / 2)
+    half_alpha = alpha / (one + one)
+    c0, c1 = _chunk(i, R, nchunks)
+    h = np.empty((T, L), dtype=y.dtype)
+    dy = np.empty((T, L), dtype=y.dtype)  # Y - mean, so Y is read once
+    v = np.empty(L, dtype=y.dtype)
+    carry = np.empty(L, dtype=y.dtype)
+    sg = np.empty(L, dtype=y.dtype)
+    rg = np.empty(L, dtype=y.dtype)
+    bits = _bits_like(y, L)
+    tile_g = np.empty(L, dtype=y.dtype)
+    tile_gy = np.empty(L, dtype=y.dtype)
+    acc_g = np.zeros(L, dtype=np.float64)
+    acc_gy = np.zeros(L, dtype=np.float64)
+    for r0 in range(c0, c1, tr):
+        n = (min(c1, r0 + tr) - r0) * C
+        base = r0 * C
+        v[:n] = v_reset
+        carry[:n] = zero
+        tile_g[:n] = zero
+        tile_gy[:n] = zero
+        # recompute H exactly as the forward kernel did (same operations, same order)
+        for t in range(T):
+            yt = y2[t, base : base + n]
+            ht = h[t]
+            dt = dy[t]
+            for k in range(n):
+                z = yt[k] * sc[k] + sh[k]
+                vv = v[k]
+                hh = vv + (z - (vv - v_reset)) / tau
+                ht[k] = hh
+                v[k] = v_reset if hh >= v_th else hh
+                dt[k] = yt[k] - mn[k]
+        for t in range(T - 1, -1, -1):
+            ht = h[t]
+            dt = dy[t]
+            gst = gs2[t, base : base + n]
+            gzt = gz2[t, base : base + n]
+            if kind == 0:
+                for k in range(n):
+                    sg[k] = -(alpha * (ht[k] - v_th))
+                _exp_tile(sg, n, bits)
+                for k in range(n):
+                    s = one / (one + sg[k])
+                    sg[k] = (one - s) * s * alpha
+            else:
+                for k in range(n):
+                    zz = (ht[k] - v_th) * half_pi_alpha
+                    sg[k] = half_alpha / (one + zz * zz)
+            for k in range(n):
+                rg[k] = zero if ht[k] >= v_th else one
+            if not detach_reset:
+                for k in range(n):
+                    rg[k] += (v_reset - ht[k]) * sg[k]
+            for k in range(n):
+                g = gst[k] * sg[k] + carry[k] * rg[k]
+                gzk = g * inv_tau
+                carry[k] = g - gzk
+                tile_g[k] += gzk
+                tile_gy[k] += gzk * dt[k]
+                gzt[k] = gzk
+        # T terms per lane in the array dtype, then float64 across tiles
+        for k in range(n):
+            acc_g[k] += tile_g[k]
+            acc_gy[k] += tile_gy[k]
+    for k in range(L):
+        psum_g[i, k % C] += acc_g[k]
+        psum_gy[i, k % C] += acc_gy[k]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -214,87 +335,34 @@ def bn_lif_backward(
     -- the two reductions a BatchNorm backward needs. ``kind`` selects the surrogate
     (0 sigmoid, 1 atan).
     """
-    T, R, C = y.shape
-    y2 = y.reshape(T, R * C)
-    gs2 = grad_s.reshape(T, R * C)
-    gz2 = grad_z.reshape(T, R * C)
-    tr = _tile_rows(C)
-    L = tr * C
-    sc = _expand(scale, C, L)
-    sh = _expand(shift, C, L)
-    mn = _expand(mean, C, L)
-    one = tau / tau
-    zero = one - one
-    inv_tau = one / tau
-    half_pi_alpha = alpha * y.dtype.type(math.pi / 2)
-    half_alpha = alpha / (one + one)
     for i in prange(nchunks):
-        c0, c1 = _chunk(i, R, nchunks)
-        h = np.empty((T, L), dtype=y.dtype)
-        dy = np.empty((T, L), dtype=y.dtype)  # Y - mean, so Y is read once
-        v = np.empty(L, dtype=y.dtype)
-        carry = np.empty(L, dtype=y.dtype)
-        sg = np.empty(L, dtype=y.dtype)
-        rg = np.empty(L, dtype=y.dtype)
-        bits = _bits_like(y, L)
-        tile_g = np.empty(L, dtype=y.dtype)
-        tile_gy = np.empty(L, dtype=y.dtype)
-        acc_g = np.zeros(L, dtype=np.float64)
-        acc_gy = np.zeros(L, dtype=np.float64)
-        for r0 in range(c0, c1, tr):
-            n = (min(c1, r0 + tr) - r0) * C
-            base = r0 * C
-            v[:n] = v_reset
-            carry[:n] = zero
-            tile_g[:n] = zero
-            tile_gy[:n] = zero
-            # recompute H exactly as the forward kernel did (same operations, same order)
-            for t in range(T):
-                yt = y2[t, base : base + n]
-                ht = h[t]
-                dt = dy[t]
-                for k in range(n):
-                    z = yt[k] * sc[k] + sh[k]
-                    vv = v[k]
-                    hh = vv + (z - (vv - v_reset)) / tau
-                    ht[k] = hh
-                    v[k] = v_reset if hh >= v_th else hh
-                    dt[k] = yt[k] - mn[k]
-            for t in range(T - 1, -1, -1):
-                ht = h[t]
-                dt = dy[t]
-                gst = gs2[t, base : base + n]
-                gzt = gz2[t, base : base + n]
-                if kind == 0:
-                    for k in range(n):
-                        sg[k] = -(alpha * (ht[k] - v_th))
-                    _exp_tile(sg, n, bits)
-                    for k in range(n):
-                        s = one / (one + sg[k])
-                        sg[k] = (one - s) * s * alpha
-                else:
-                    for k in range(n):
-                        zz = (ht[k] - v_th) * half_pi_alpha
-                        sg[k] = half_alpha / (one + zz * zz)
-                for k in range(n):
-                    rg[k] = zero if ht[k] >= v_th else one
-                if not detach_reset:
-                    for k in range(n):
-                        rg[k] += (v_reset - ht[k]) * sg[k]
-                for k in range(n):
-                    g = gst[k] * sg[k] + carry[k] * rg[k]
-                    gzk = g * inv_tau
-                    carry[k] = g - gzk
-                    tile_g[k] += gzk
-                    tile_gy[k] += gzk * dt[k]
-                    gzt[k] = gzk
-            # T terms per lane in the array dtype, then float64 across tiles
-            for k in range(n):
-                acc_g[k] += tile_g[k]
-                acc_gy[k] += tile_gy[k]
-        for k in range(L):
-            psum_g[i, k % C] += acc_g[k]
-            psum_gy[i, k % C] += acc_gy[k]
+        _bn_lif_backward_chunk(
+            i,
+            nchunks,
+            y,
+            scale,
+            shift,
+            mean,
+            grad_s,
+            tau,
+            v_th,
+            v_reset,
+            alpha,
+            kind,
+            detach_reset,
+            grad_z,
+            psum_g,
+            psum_gy,
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def _affine_backward_apply_chunk(i, nchunks, y, gz, mean, a, b, d, out):
+    M, C = y.shape
+    m0, m1 = _chunk(i, M, nchunks)
+    for m in range(m0, m1):
+        for c in range(C):
+            out[m, c] = a[c] * gz[m, c] + b[c] * (y[m, c] - mean[c]) + d[c]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -303,12 +371,46 @@ def affine_backward_apply(y, gz, mean, a, b, d, out, nchunks):
 
     With the coefficients of a BatchNorm backward this is ``dL/dY``; ``out`` may alias ``gz``.
     """
-    M, C = y.shape
     for i in prange(nchunks):
-        m0, m1 = _chunk(i, M, nchunks)
-        for m in range(m0, m1):
-            for c in range(C):
-                out[m, c] = a[c] * gz[m, c] + b[c] * (y[m, c] - mean[c]) + d[c]
+        _affine_backward_apply_chunk(i, nchunks, y, gz, mean, a, b, d, out)
+
+
+@njit(cache=True, error_model="numpy")
+def _channel_stats_chunk(i, nchunks, y, ref, s1, s2):
+    M, C = y.shape
+    m0, m1 = _chunk(i, M, nchunks)
+    a1 = np.zeros(C, dtype=np.float64)
+    a2 = np.zeros(C, dtype=np.float64)
+    for m in range(m0, m1):
+        row = y[m]
+        for c in range(C):
+            dv = row[c] - ref[c]
+            a1[c] += dv
+            a2[c] += dv * dv
+    s1[i, :] = a1
+    s2[i, :] = a2
+
+
+@njit(cache=True, error_model="numpy")
+def channel_stats_ref_row(y, ref):
+    """``ref[c] = y[0, c]`` in float64 (the shift of :func:`channel_stats`)."""
+    for c in range(y.shape[1]):
+        ref[c] = y[0, c]
+
+
+@njit(cache=True, error_model="numpy")
+def channel_stats_finish(M, ref, s1, s2, mean, var):
+    """Mean and biased variance from the per-chunk shifted sums of :func:`channel_stats`."""
+    nchunks, C = s1.shape
+    for c in range(C):
+        d1 = 0.0
+        d2 = 0.0
+        for i in range(nchunks):
+            d1 += s1[i, c]
+            d2 += s2[i, c]
+        d1 /= M
+        mean[c] = ref[c] + d1
+        var[c] = max(d2 / M - d1 * d1, 0.0)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -322,46 +424,22 @@ def channel_stats(y, mean, var, nchunks):
     s1 = np.zeros((nchunks, C), dtype=np.float64)
     s2 = np.zeros((nchunks, C), dtype=np.float64)
     ref = np.empty(C, dtype=np.float64)
-    for c in range(C):
-        ref[c] = y[0, c]
+    channel_stats_ref_row(y, ref)
     for i in prange(nchunks):
-        m0, m1 = _chunk(i, M, nchunks)
-        a1 = np.zeros(C, dtype=np.float64)
-        a2 = np.zeros(C, dtype=np.float64)
-        for m in range(m0, m1):
-            row = y[m]
-            for c in range(C):
-                dv = row[c] - ref[c]
-                a1[c] += dv
-                a2[c] += dv * dv
-        s1[i, :] = a1
-        s2[i, :] = a2
-    for c in range(C):
-        d1 = 0.0
-        d2 = 0.0
-        for i in range(nchunks):
-            d1 += s1[i, c]
-            d2 += s2[i, c]
-        d1 /= M
-        mean[c] = ref[c] + d1
-        var[c] = max(d2 / M - d1 * d1, 0.0)
+        _channel_stats_chunk(i, nchunks, y, ref, s1, s2)
+    channel_stats_finish(M, ref, s1, s2, mean, var)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def maxpool_backward(s, g, gin, kernel, stride, pad):
-    """Max-pool backward on channels-last spikes ``s [N, H, W, C]`` (uint8).
-
-    Writes into ``gin [N, H, W, C]`` the sum of ``g [N, Ho, Wo, C]`` routed to the position
-    PyTorch's max-pool picks: the first maximum of the window in row-major order, padding
-    excluded -- so the gradient routing equals ``F.max_pool2d``'s exactly.
-    """
+@njit(cache=True, error_model="numpy")
+def _maxpool_backward_chunk(i, nchunks, s, g, gin, kernel, stride, pad):
     N, H, W, C = s.shape
     Ho, Wo = g.shape[1], g.shape[2]
-    for n in prange(N):
+    n0, n1 = _chunk(i, N, nchunks)
+    best = np.empty(C, dtype=np.int32)
+    bh = np.empty(C, dtype=np.int64)
+    bw = np.empty(C, dtype=np.int64)
+    for n in range(n0, n1):
         gin[n] = 0
-        best = np.empty(C, dtype=np.int32)
-        bh = np.empty(C, dtype=np.int64)
-        bw = np.empty(C, dtype=np.int64)
         for oh in range(Ho):
             for ow in range(Wo):
                 best[:] = -1
@@ -384,39 +462,206 @@ def maxpool_backward(s, g, gin, kernel, stride, pad):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
+def maxpool_backward(s, g, gin, kernel, stride, pad, nchunks):
+    """Max-pool backward on channels-last spikes ``s [N, H, W, C]`` (uint8).
+
+    Writes into ``gin [N, H, W, C]`` the sum of ``g [N, Ho, Wo, C]`` routed to the position
+    PyTorch's max-pool picks: the first maximum of the window in row-major order, padding
+    excluded -- so the gradient routing equals ``F.max_pool2d``'s exactly.
+    """
+    for i in prange(nchunks):
+        _maxpool_backward_chunk(i, nchunks, s, g, gin, kernel, stride, pad)
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_uint8_chunk(i, nchunks, x, out, bad):
+    n = x.size
+    i0, i1 = _chunk(i, n, nchunks)
+    xs = x[i0:i1]
+    os = out[i0:i1]
+    nbad = 0
+    for j in range(i1 - i0):
+        v = xs[j]
+        # clamp before converting (float -> uint8 of an out-of-range value is undefined);
+        # NaN fails ``v > 0`` and becomes 0, then fails the round-trip test
+        vc = v if v > 0 else x.dtype.type(0)
+        vc = vc if vc < 255 else x.dtype.type(255)
+        u = np.uint8(vc)
+        os[j] = u
+        nbad += np.int64(x.dtype.type(u) != v)
+    bad[i] = nbad
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def pack_uint8(x, out, nchunks):
     """Copy ``x`` (flat float) into ``out`` (flat uint8); True iff every value is an exact integer
     in [0, 255] (spike counts), so the copy is lossless. NaN fails the check."""
-    n = x.size
     bad = np.zeros(nchunks, dtype=np.int64)
     for i in prange(nchunks):
-        i0, i1 = _chunk(i, n, nchunks)
-        xs = x[i0:i1]
-        os = out[i0:i1]
-        nbad = 0
-        for j in range(i1 - i0):
-            v = xs[j]
-            # clamp before converting (float -> uint8 of an out-of-range value is undefined);
-            # NaN fails ``v > 0`` and becomes 0, then fails the round-trip test
-            vc = v if v > 0 else x.dtype.type(0)
-            vc = vc if vc < 255 else x.dtype.type(255)
-            u = np.uint8(vc)
-            os[j] = u
-            nbad += np.int64(x.dtype.type(u) != v)
-        bad[i] = nbad
+        _pack_uint8_chunk(i, nchunks, x, out, bad)
     return bad.sum() == 0
+
+
+@njit(cache=True, error_model="numpy")
+def _unpack_uint8_chunk(i, nchunks, x, out):
+    n = x.size
+    i0, i1 = _chunk(i, n, nchunks)
+    xs = x[i0:i1]
+    os = out[i0:i1]
+    for j in range(i1 - i0):
+        os[j] = xs[j]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def unpack_uint8(x, out, nchunks):
     """``out[:] = x`` (flat uint8 -> flat float): the inverse of :func:`pack_uint8`."""
-    n = x.size
     for i in prange(nchunks):
-        i0, i1 = _chunk(i, n, nchunks)
-        xs = x[i0:i1]
-        os = out[i0:i1]
-        for j in range(i1 - i0):
-            os[j] = xs[j]
+        _unpack_uint8_chunk(i, nchunks, x, out)
+
+
+# ---- trampolines for torch's OpenMP team (one per kernel and float dtype)
+
+# Argument-block layouts (int64 slots; [0] chunk counter, [1] nchunks; "f" = float64 bits):
+_FWD = 16  # T R C y scale shift spikes packed prow pcol write_packed f:tau f:v_th f:v_reset
+_BWD = 19  # T R C y scale shift mean grad_s grad_z psum_g psum_gy kind detach f:tau f:v_th
+#            f:v_reset f:alpha
+_AFF = 11  # M C y gz mean a b d out
+_STA = 8  # M C y ref s1 s2
+_MPB = 14  # N H W C Ho Wo s g gin kernel stride pad
+_PCK = 6  # n x out bad
+_UPK = 5  # n x out
+
+
+@cache
+def team_trampolines(dtype_name: str) -> dict:
+    """Addresses of the trampolines of every kernel for ``float32`` or ``float64`` arrays,
+    compiled on first use (C callbacks: about a second per dtype, once per process)."""
+    dt = getattr(np, dtype_name)
+    f64 = np.float64
+    i64 = np.int64
+    u8 = np.uint8
+    sig = types.void(types.voidptr)
+    opts = {"error_model": "numpy"}
+
+    @cfunc(sig, **opts)
+    def forward(block):
+        a = carray(block, (_FWD,), i64)
+        fa = carray(block, (_FWD,), f64)
+        counter = carray(block, (1,), i64)
+        nch, T, R, C = a[1], a[2], a[3], a[4]
+        y = carray(address(a[5]), (T, R, C), dt)
+        sc = carray(address(a[6]), (C,), dt)
+        sh = carray(address(a[7]), (C,), dt)
+        sp = carray(address(a[8]), (T, R, C), dt)
+        pk = carray(address(a[9]), (a[10], a[11]), u8)
+        i = next_chunk(counter)
+        while i < nch:
+            _bn_lif_forward_chunk(
+                i, nch, y, sc, sh, dt(fa[13]), dt(fa[14]), dt(fa[15]), sp, pk, a[12] != 0
+            )
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def backward(block):
+        a = carray(block, (_BWD,), i64)
+        fa = carray(block, (_BWD,), f64)
+        counter = carray(block, (1,), i64)
+        nch, T, R, C = a[1], a[2], a[3], a[4]
+        y = carray(address(a[5]), (T, R, C), dt)
+        sc = carray(address(a[6]), (C,), dt)
+        sh = carray(address(a[7]), (C,), dt)
+        mn = carray(address(a[8]), (C,), dt)
+        gs = carray(address(a[9]), (T, R, C), dt)
+        gz = carray(address(a[10]), (T, R, C), dt)
+        pg = carray(address(a[11]), (nch, C), f64)
+        pgy = carray(address(a[12]), (nch, C), f64)
+        tau, v_th, v_reset, alpha = dt(fa[15]), dt(fa[16]), dt(fa[17]), dt(fa[18])
+        i = next_chunk(counter)
+        while i < nch:
+            _bn_lif_backward_chunk(
+                i, nch, y, sc, sh, mn, gs, tau, v_th, v_reset, alpha, a[13], a[14] != 0,
+                gz, pg, pgy,
+            )  # fmt: skip
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def affine(block):
+        a = carray(block, (_AFF,), i64)
+        counter = carray(block, (1,), i64)
+        nch, M, C = a[1], a[2], a[3]
+        y = carray(address(a[4]), (M, C), dt)
+        gz = carray(address(a[5]), (M, C), dt)
+        mn = carray(address(a[6]), (C,), dt)
+        ca = carray(address(a[7]), (C,), dt)
+        cb = carray(address(a[8]), (C,), dt)
+        cd = carray(address(a[9]), (C,), dt)
+        out = carray(address(a[10]), (M, C), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _affine_backward_apply_chunk(i, nch, y, gz, mn, ca, cb, cd, out)
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def stats(block):
+        a = carray(block, (_STA,), i64)
+        counter = carray(block, (1,), i64)
+        nch, M, C = a[1], a[2], a[3]
+        y = carray(address(a[4]), (M, C), dt)
+        ref = carray(address(a[5]), (C,), f64)
+        s1 = carray(address(a[6]), (nch, C), f64)
+        s2 = carray(address(a[7]), (nch, C), f64)
+        i = next_chunk(counter)
+        while i < nch:
+            _channel_stats_chunk(i, nch, y, ref, s1, s2)
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def maxpool(block):
+        a = carray(block, (_MPB,), i64)
+        counter = carray(block, (1,), i64)
+        nch, N, H, W, C, Ho, Wo = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+        s = carray(address(a[8]), (N, H, W, C), u8)
+        g = carray(address(a[9]), (N, Ho, Wo, C), dt)
+        gin = carray(address(a[10]), (N, H, W, C), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _maxpool_backward_chunk(i, nch, s, g, gin, a[11], a[12], a[13])
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def pack(block):
+        a = carray(block, (_PCK,), i64)
+        counter = carray(block, (1,), i64)
+        nch, n = a[1], a[2]
+        x = carray(address(a[3]), (n,), dt)
+        out = carray(address(a[4]), (n,), u8)
+        bad = carray(address(a[5]), (nch,), i64)
+        i = next_chunk(counter)
+        while i < nch:
+            _pack_uint8_chunk(i, nch, x, out, bad)
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def unpack(block):
+        a = carray(block, (_UPK,), i64)
+        counter = carray(block, (1,), i64)
+        nch, n = a[1], a[2]
+        x = carray(address(a[3]), (n,), u8)
+        out = carray(address(a[4]), (n,), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _unpack_uint8_chunk(i, nch, x, out)
+            i = next_chunk(counter)
+
+    return {
+        "forward": forward.address,
+        "backward": backward.address,
+        "affine": affine.address,
+        "stats": stats.address,
+        "maxpool": maxpool.address,
+        "pack": pack.address,
+        "unpack": unpack.address,
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,8 +65,43 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _team_for(dtype: torch.dtype, *tensors: torch.Tensor):
+    """torch's OpenMP team when it can run a kernel on ``tensors`` (all C-contiguous, the
+    floating ones all of ``dtype``, float32 or float64: the trampolines read raw memory),
+    else None: the kernel then runs as a Numba ``prange`` loop."""
+    from evformer.models._omp_team import team
+
+    t = team()
+    if t is None or dtype not in (torch.float32, torch.float64):
+        return None
+    for x in tensors:
+        if not x.is_contiguous() or (x.is_floating_point() and x.dtype != dtype):
+            return None
+    return t
+
+
+def _block(size: int, nchunks: int, *slots: int) -> np.ndarray:
+    """A trampoline's int64 argument block: counter 0, ``nchunks``, then ``slots``."""
+    block = np.zeros(size, dtype=np.int64)
+    block[1] = nchunks
+    block[2 : 2 + len(slots)] = slots
+    return block
+
+
+def _bits(value: float) -> int:
+    """A float scalar as the int64 bits of its float64 value (a trampoline reads it back)."""
+    return int(np.float64(value).view(np.int64))
+
+
+def _trampoline(kernel: str, dtype: torch.dtype) -> int:
+    from evformer.models import _cpu_kernels as K
+
+    return K.team_trampolines(str(dtype).removeprefix("torch."))[kernel]
+
+
 class NumbaKernels:
-    """CPU kernel set (Numba, ``parallel=True``)."""
+    """CPU kernel set (Numba): each kernel's chunks run on torch's own OpenMP team where
+    possible (:mod:`evformer.models._omp_team`), else as a Numba ``prange`` loop."""
 
     name = "numba"
 
@@ -77,18 +112,22 @@ class NumbaKernels:
         dt = _np(y3).dtype.type
         spikes = torch.empty_like(y3)
         packed = torch.empty(y3.shape if want_packed else (1, 1), dtype=torch.uint8)
-        K.bn_lif_forward(
-            _np(y3),
-            _np(scale),
-            _np(shift),
-            dt(p.tau),
-            dt(p.v_threshold),
-            dt(p.v_reset),
-            _np(spikes),
-            _np(packed),
-            want_packed,
-            K.num_chunks(y3.shape[1]),
-        )
+        T, R, C = y3.shape
+        nchunks = K.num_chunks(R)
+        team = _team_for(y3.dtype, y3, scale, shift)
+        if team is not None:
+            prow, pcol = (T, R * C) if want_packed else (1, 1)
+            block = _block(
+                K._FWD, nchunks, T, R, C, y3.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                spikes.data_ptr(), packed.data_ptr(), prow, pcol, int(want_packed),
+                _bits(dt(p.tau)), _bits(dt(p.v_threshold)), _bits(dt(p.v_reset)),
+            )  # fmt: skip
+            team.run(_trampoline("forward", y3.dtype), block)
+        else:
+            K.bn_lif_forward(
+                _np(y3), _np(scale), _np(shift), dt(p.tau), dt(p.v_threshold),
+                dt(p.v_reset), _np(spikes), _np(packed), want_packed, nchunks,
+            )  # fmt: skip
         return spikes, (packed if want_packed else None)
 
     @staticmethod
@@ -97,53 +136,70 @@ class NumbaKernels:
 
         dt = _np(y3).dtype.type
         gz = torch.empty_like(y3) if out is None else out
-        nchunks = K.num_chunks(y3.shape[1])
-        C = y3.shape[2]
+        T, R, C = y3.shape
+        nchunks = K.num_chunks(R)
         psum_g = np.zeros((nchunks, C))
         psum_gy = np.zeros((nchunks, C))
-        K.bn_lif_backward(
-            _np(y3),
-            _np(scale),
-            _np(shift),
-            _np(mean),
-            _np(gs3),
-            dt(p.tau),
-            dt(p.v_threshold),
-            dt(p.v_reset),
-            dt(p.surrogate.alpha),
-            p.surrogate.kind,
-            p.detach_reset,
-            _np(gz),
-            psum_g,
-            psum_gy,
-            nchunks,
-        )
+        team = _team_for(y3.dtype, y3, scale, shift, mean, gs3, gz)
+        if team is not None:
+            block = _block(
+                K._BWD, nchunks, T, R, C, y3.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                mean.data_ptr(), gs3.data_ptr(), gz.data_ptr(), psum_g.ctypes.data,
+                psum_gy.ctypes.data, p.surrogate.kind, int(p.detach_reset), _bits(dt(p.tau)),
+                _bits(dt(p.v_threshold)), _bits(dt(p.v_reset)), _bits(dt(p.surrogate.alpha)),
+            )  # fmt: skip
+            team.run(_trampoline("backward", y3.dtype), block)
+        else:
+            K.bn_lif_backward(
+                _np(y3), _np(scale), _np(shift), _np(mean), _np(gs3), dt(p.tau),
+                dt(p.v_threshold), dt(p.v_reset), dt(p.surrogate.alpha), p.surrogate.kind,
+                p.detach_reset, _np(gz), psum_g, psum_gy, nchunks,
+            )  # fmt: skip
         return gz, torch.from_numpy(psum_g.sum(0)), torch.from_numpy(psum_gy.sum(0))
 
     @staticmethod
     def affine_backward_apply(y2, gz2, mean, a, b, d, out):
         from evformer.models import _cpu_kernels as K
 
-        K.affine_backward_apply(
-            _np(y2),
-            _np(gz2),
-            _np(mean),
-            _np(a),
-            _np(b),
-            _np(d),
-            _np(out),
-            K.num_chunks(y2.shape[0]),
-        )
+        M, C = y2.shape
+        nchunks = K.num_chunks(M)
+        coeffs = (mean, a, b, d)
+        team = _team_for(y2.dtype, y2, gz2, out, *coeffs)
+        if team is not None:
+            block = _block(
+                K._AFF, nchunks, M, C, y2.data_ptr(), gz2.data_ptr(),
+                *(c.data_ptr() for c in coeffs), out.data_ptr(),
+            )  # fmt: skip
+            team.run(_trampoline("affine", y2.dtype), block)
+        else:
+            K.affine_backward_apply(
+                _np(y2), _np(gz2), _np(mean), _np(a), _np(b), _np(d), _np(out), nchunks
+            )
         return out
 
     @staticmethod
     def channel_stats(y2):
         from evformer.models import _cpu_kernels as K
 
-        C = y2.shape[1]
+        M, C = y2.shape
         mean = np.empty(C)
         var = np.empty(C)
-        K.channel_stats(_np(y2), mean, var, K.num_chunks(y2.shape[0]))
+        nchunks = K.num_chunks(M)
+        team = _team_for(y2.dtype, y2)
+        if team is not None:
+            y = _np(y2)
+            ref = np.empty(C)
+            s1 = np.zeros((nchunks, C))
+            s2 = np.zeros((nchunks, C))
+            K.channel_stats_ref_row(y, ref)
+            block = _block(
+                K._STA, nchunks, M, C, y2.data_ptr(), ref.ctypes.data, s1.ctypes.data,
+                s2.ctypes.data,
+            )  # fmt: skip
+            team.run(_trampoline("stats", y2.dtype), block)
+            K.channel_stats_finish(M, ref, s1, s2, mean, var)
+        else:
+            K.channel_stats(_np(y2), mean, var, nchunks)
         return torch.from_numpy(mean), torch.from_numpy(var)
 
     @staticmethod
@@ -151,7 +207,18 @@ class NumbaKernels:
         from evformer.models import _cpu_kernels as K
 
         gin = torch.empty(s_nhwc.shape, dtype=g_nhwc.dtype)
-        K.maxpool_backward(_np(s_nhwc), _np(g_nhwc), _np(gin), kernel, stride, pad)
+        N, H, W, C = s_nhwc.shape
+        Ho, Wo = g_nhwc.shape[1:3]
+        nchunks = K.num_chunks(N)
+        team = _team_for(g_nhwc.dtype, s_nhwc, g_nhwc)
+        if team is not None:
+            block = _block(
+                K._MPB, nchunks, N, H, W, C, Ho, Wo, s_nhwc.data_ptr(), g_nhwc.data_ptr(),
+                gin.data_ptr(), kernel, stride, pad,
+            )  # fmt: skip
+            team.run(_trampoline("maxpool", g_nhwc.dtype), block)
+        else:
+            K.maxpool_backward(_np(s_nhwc), _np(g_nhwc), _np(gin), kernel, stride, pad, nchunks)
         return gin
 
     @staticmethod
@@ -166,9 +233,18 @@ class NumbaKernels:
         if not bool(((head >= 0) & (head <= 255) & (head == head.round())).all()):
             return None
         out = torch.empty(flat.shape, dtype=torch.uint8)
-        if not K.pack_uint8(_np(flat), _np(out), K.num_chunks(flat.numel() // 4096 + 1)):
-            return None
-        return out.view(x.shape)
+        nchunks = K.num_chunks(flat.numel() // 4096 + 1)
+        team = _team_for(flat.dtype, flat)
+        if team is not None:
+            bad = np.zeros(nchunks, dtype=np.int64)
+            block = _block(
+                K._PCK, nchunks, flat.numel(), flat.data_ptr(), out.data_ptr(), bad.ctypes.data
+            )
+            team.run(_trampoline("pack", flat.dtype), block)
+            ok = bad.sum() == 0
+        else:
+            ok = K.pack_uint8(_np(flat), _np(out), nchunks)
+        return out.view(x.shape) if ok else None
 
     @staticmethod
     def unpack(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -179,7 +255,13 @@ class NumbaKernels:
             return x.to(dtype)
         out = torch.empty(x.shape, dtype=dtype)
         n = x.numel()
-        K.unpack_uint8(_np(x).reshape(-1), _np(out).reshape(-1), K.num_chunks(n // 4096 + 1))
+        nchunks = K.num_chunks(n // 4096 + 1)
+        team = _team_for(dtype, x)
+        if team is not None:
+            block = _block(K._UPK, nchunks, n, x.data_ptr(), out.data_ptr())
+            team.run(_trampoline("unpack", dtype), block)
+        else:
+            K.unpack_uint8(_np(x).reshape(-1), _np(out).reshape(-1), nchunks)
         return out
 
 
