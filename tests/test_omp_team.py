@@ -150,3 +150,37 @@ def test_team_path_declines_inputs_it_cannot_read(use_team):
         yt.contiguous(), gz, mean, a, b, d, torch.empty(10, 4)
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _KernelDataset(torch.utils.data.Dataset):
+    """Runs the LIF kernel in each item (in DataLoader workers: forked processes)."""
+
+    def __init__(self, y):
+        self.y = y
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        c = self.y.shape[-1]
+        s, _ = NumbaKernels.bn_lif_forward(
+            self.y, torch.ones(c), torch.zeros(c), LIFParams(), False
+        )
+        return s.sum()
+
+
+def test_kernels_run_in_forked_dataloader_workers_after_the_parent_used_the_team(use_team):
+    # GNU OpenMP does not survive fork with a live thread pool; DataLoader workers run
+    # torch single-threaded, so the team there is the worker's own thread. A hang here
+    # would stop the test at the DataLoader timeout instead of blocking the suite.
+    if not _torch_uses_openmp():
+        pytest.skip("torch is not built on OpenMP here")
+    use_team(True)
+    y = torch.randn(4, 5000, 32, generator=torch.Generator().manual_seed(3))
+    c = y.shape[-1]
+    want, _ = NumbaKernels.bn_lif_forward(y, torch.ones(c), torch.zeros(c), LIFParams(), False)
+    loader = torch.utils.data.DataLoader(
+        _KernelDataset(y), batch_size=2, num_workers=2, multiprocessing_context="fork", timeout=120
+    )
+    got = torch.cat(list(loader))
+    torch.testing.assert_close(got, want.sum().expand(4), rtol=0, atol=0)
