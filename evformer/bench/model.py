@@ -23,6 +23,8 @@ needs; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before t
 environment is passed on, so e.g. ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP threads sleep
 instead of spinning between ops, which frees the cores for evformer's Numba kernels and
 helps on a busy machine) applies to both libraries alike.
+evformer's CPU kernels run on torch's own OpenMP threads; ``EVFORMER_OMP_TEAM=0`` in the
+environment times them as Numba ``prange`` loops instead (same results).
 Targets: step time <= 0.8x and peak memory <= 0.6x spikingjelly's.
 
 ``--breakdown`` adds, per library, one step under the torch profiler split into the dense
