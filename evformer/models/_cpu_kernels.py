@@ -534,14 +534,17 @@ _UPK = 5  # n x out
 
 @cache
 def team_trampolines(dtype_name: str) -> dict:
-    """Addresses of the trampolines of every kernel for ``float32`` or ``float64`` arrays,
-    compiled on first use (C callbacks: about a second per dtype, once per process)."""
+    """Addresses of the trampolines of every kernel for ``float32`` or ``float64`` arrays.
+
+    C callbacks, compiled on first use and cached on disk like the kernels (Numba keys a
+    closure's cache entry on its captured values, so each dtype has its own entry).
+    """
     dt = getattr(np, dtype_name)
     f64 = np.float64
     i64 = np.int64
     u8 = np.uint8
     sig = types.void(types.voidptr)
-    opts = {"error_model": "numpy"}
+    opts = {"error_model": "numpy", "cache": True}
 
     @cfunc(sig, **opts)
     def forward(block):
