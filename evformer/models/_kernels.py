@@ -21,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "SPIKFORMER_LIF",
     "LIFParams",
+    "SpikeRows",
     "available_backends",
     "get_kernels",
     "resolve_backend",
@@ -61,6 +62,31 @@ class LIFParams:
 SPIKFORMER_LIF = LIFParams()
 
 
+@dataclass(frozen=True)
+class SpikeRows:
+    """Spike counts ``[M, C]`` stored by rows (CSR), as the event-driven products read them
+    (:mod:`evformer.models._sparse_kernels`): ``indptr [M + 1]`` int64, ``idx [nnz]`` int32
+    columns ascending within a row, ``vals [nnz]`` uint8 counts or None when all are 1."""
+
+    indptr: torch.Tensor
+    idx: torch.Tensor
+    vals: torch.Tensor | None
+    num_cols: int
+
+    @property
+    def nnz(self) -> int:
+        return self.idx.numel()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What ``save_for_backward`` keeps (see :meth:`from_tensors`)."""
+        return (self.indptr, self.idx) if self.vals is None else (self.indptr, self.idx, self.vals)
+
+    @classmethod
+    def from_tensors(cls, tensors, num_cols: int) -> SpikeRows:
+        vals = tensors[2] if len(tensors) > 2 else None
+        return cls(tensors[0], tensors[1], vals, num_cols)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -88,6 +114,13 @@ def _block(size: int, nchunks: int, *slots: int) -> np.ndarray:
     return block
 
 
+def _may_be_counts(flat: torch.Tensor) -> bool:
+    """False when the first values of ``flat`` already show it is not uint8 spike counts: a
+    cheap early exit for real-valued inputs (images), before any full pass over them."""
+    head = flat[:64]
+    return bool(((head >= 0) & (head <= 255) & (head == head.round())).all())
+
+
 def _bits(value: float) -> int:
     """A float scalar as the int64 bits of its float64 value (a trampoline reads it back)."""
     return int(np.float64(value).view(np.int64))
@@ -99,11 +132,22 @@ def _trampoline(kernel: str, dtype: torch.dtype) -> int:
     return K.team_trampolines(str(dtype).removeprefix("torch."))[kernel]
 
 
+def _sparse_trampoline(kernel: str, dtype: torch.dtype) -> int:
+    from evformer.models import _sparse_kernels as SK
+
+    return SK.team_trampolines(str(dtype).removeprefix("torch."))[kernel]
+
+
+#: upper bound on the bytes of per-thread partial weight gradients (event-driven products)
+_MAX_SLOT_BYTES = 256 * 2**20
+
+
 class NumbaKernels:
     """CPU kernel set (Numba): each kernel's chunks run on torch's own OpenMP team where
     possible (:mod:`evformer.models._omp_team`), else as a Numba ``prange`` loop."""
 
     name = "numba"
+    sparse = True  # has the event-driven conv / linear products
 
     @staticmethod
     def bn_lif_forward(y3, scale, shift, p: LIFParams, want_packed: bool):
@@ -228,9 +272,7 @@ class NumbaKernels:
         if not x.is_contiguous():
             return None
         flat = x.detach().reshape(-1)
-        head = flat[:64]
-        # cheap early exit for real-valued inputs (images): no full pass over them
-        if not bool(((head >= 0) & (head <= 255) & (head == head.round())).all()):
+        if not _may_be_counts(flat):
             return None
         out = torch.empty(flat.shape, dtype=torch.uint8)
         nchunks = K.num_chunks(flat.numel() // 4096 + 1)
@@ -264,11 +306,129 @@ class NumbaKernels:
             K.unpack_uint8(_np(x).reshape(-1), _np(out).reshape(-1), nchunks)
         return out
 
+    @staticmethod
+    def scan_counts(x2: torch.Tensor):
+        """``x2 [M, C]`` float spike counts -> ``(packed [M, C] uint8, counts [M] int64
+        numpy, has_counts_above_1)``, or None when ``x2`` is not contiguous or holds a value
+        that is not an integer in [0, 255] (then it must be kept as floats)."""
+        from evformer.models import _cpu_kernels as K
+        from evformer.models import _sparse_kernels as SK
+
+        if not x2.is_contiguous() or x2.dim() != 2 or not _may_be_counts(x2.detach().view(-1)):
+            return None
+        M, C = x2.shape
+        packed = torch.empty((M, C), dtype=torch.uint8)
+        counts = np.empty(M, dtype=np.int64)
+        nchunks = K.num_chunks(M)
+        flags = np.zeros((nchunks, 2), dtype=np.int64)
+        team = _team_for(x2.dtype, x2)
+        if team is not None:
+            block = _block(
+                SK._SCN, nchunks, M, C, x2.data_ptr(), packed.data_ptr(), counts.ctypes.data,
+                flags.ctypes.data,
+            )  # fmt: skip
+            team.run(_sparse_trampoline("scan", x2.dtype), block)
+        else:
+            SK.scan_counts(_np(x2), _np(packed), counts, flags, nchunks)
+        if flags[:, 0].sum() != 0:
+            return None
+        return packed, counts, bool(flags[:, 1].sum() != 0)
+
+    @staticmethod
+    def spike_rows(packed: torch.Tensor, counts: np.ndarray, has_big: bool) -> SpikeRows:
+        """CSR of ``packed [M, C]`` (uint8) from its row counts (see :meth:`scan_counts`)."""
+        from evformer.models import _cpu_kernels as K
+        from evformer.models import _sparse_kernels as SK
+
+        M, C = packed.shape
+        indptr = torch.zeros(M + 1, dtype=torch.int64)
+        np.cumsum(counts, out=_np(indptr)[1:])
+        nnz = int(indptr[-1])
+        idx = torch.empty(nnz, dtype=torch.int32)
+        vals = torch.empty(nnz if has_big else 0, dtype=torch.uint8)
+        nchunks = K.num_chunks(M)
+        team = _team_for(torch.float32, packed)
+        if team is not None and nnz > 0:
+            block = _block(
+                SK._FIL, nchunks, M, C, packed.data_ptr(), indptr.data_ptr(), nnz,
+                idx.data_ptr(), vals.data_ptr() if has_big else idx.data_ptr(), int(has_big),
+            )  # fmt: skip
+            team.run(_sparse_trampoline("fill", torch.float32), block)
+        elif nnz > 0:
+            vals_np = _np(vals) if has_big else np.empty(1, dtype=np.uint8)
+            SK.fill_rows(_np(packed), _np(indptr), _np(idx), vals_np, has_big, nchunks)
+        return SpikeRows(indptr, idx, vals if has_big else None, C)
+
+    @staticmethod
+    def sparse_conv_forward(rows: SpikeRows, N, H, W, wr, bias, stride, padding, Ho, Wo):
+        """``[N, Ho, Wo, Cout]`` (channels-last memory) conv of the spike counts ``rows``
+        (``N*H*W`` positions of ``Cin`` channels) with ``wr [KH, KW, Cin, Cout]``."""
+        from evformer.models import _cpu_kernels as K
+        from evformer.models import _sparse_kernels as SK
+
+        KH, KW, Cin, Cout = wr.shape
+        dtype = wr.dtype
+        out = torch.empty((N, Ho, Wo, Cout), dtype=dtype)
+        has_bias = bias is not None
+        b = bias.contiguous() if has_bias else wr.new_empty(1)
+        binary = rows.vals is None
+        vals = rows.idx if binary else rows.vals  # any array when binary: never read
+        (sh, sw), (ph, pw) = stride, padding
+        nchunks = K.num_chunks(N * Ho * Wo)
+        team = _team_for(dtype, wr, b)
+        if team is not None:
+            block = _block(
+                SK._SFW, nchunks, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
+                rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), wr.data_ptr(),
+                b.data_ptr(), int(has_bias), sh, sw, ph, pw, out.data_ptr(),
+            )  # fmt: skip
+            team.run(_sparse_trampoline("conv_forward", dtype), block)
+        else:
+            vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
+            SK.sparse_conv_forward(
+                _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(wr), _np(b),
+                has_bias, sh, sw, ph, pw, _np(out), nchunks,
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def sparse_conv_weight_grad(rows: SpikeRows, N, H, W, gy, kernel_size, stride, padding):
+        """Weight gradient ``[KH, KW, Cin, Cout]`` of :meth:`sparse_conv_forward` for the
+        output gradient ``gy [N, Ho, Wo, Cout]`` (contiguous)."""
+        from evformer.models import _sparse_kernels as SK
+
+        KH, KW = kernel_size
+        _, Ho, Wo, Cout = gy.shape
+        Cin = rows.num_cols
+        dtype = gy.dtype
+        slot_bytes = KH * KW * Cin * Cout * gy.element_size()
+        nslots = max(1, min(torch.get_num_threads(), N * Ho * Wo, _MAX_SLOT_BYTES // slot_bytes))
+        slots = torch.empty((nslots, KH, KW, Cin, Cout), dtype=dtype)
+        binary = rows.vals is None
+        vals = rows.idx if binary else rows.vals
+        (sh, sw), (ph, pw) = stride, padding
+        team = _team_for(dtype, gy)
+        if team is not None:
+            block = _block(
+                SK._SWG, nslots, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
+                rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), gy.data_ptr(),
+                sh, sw, ph, pw, slots.data_ptr(),
+            )  # fmt: skip
+            team.run(_sparse_trampoline("conv_weight_grad", dtype), block)
+        else:
+            vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
+            SK.sparse_conv_weight_grad(
+                _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(gy), sh, sw,
+                ph, pw, _np(slots),
+            )  # fmt: skip
+        return slots[0] if nslots == 1 else slots.sum(0)
+
 
 class TritonKernels:
     """CUDA kernel set: Triton for the LIF passes, torch ops for the rest."""
 
     name = "triton"
+    sparse = False
 
     @staticmethod
     def bn_lif_forward(y3, scale, shift, p: LIFParams, want_packed: bool):

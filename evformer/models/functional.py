@@ -20,21 +20,49 @@ noise of ~1e-9 relative).
 On CPU the token-wise linear layers run as 1x1 oneDNN convolutions (same arithmetic,
 measurably faster than the BLAS gemm behind ``F.linear``); weight gradients use the gemm.
 
+Event-driven products (CPU): when a unit's input is spike counts and at most
+:data:`SPARSE_MAX_DENSITY` of them are non-zero, the forward product and the weight
+gradient run over the spikes only (:mod:`evformer.models._sparse_kernels`; the work scales
+with the spike count) and the input is kept for the backward pass by rows (CSR), which is
+smaller than uint8 at such densities. The input gradient stays a dense oneDNN product.
+
 Shapes: conv units take ``[T, B, C, H, W]`` and compute in channels-last memory; linear
 units take ``[T, ..., C]``; everything is time first.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evformer.models._kernels import LIFParams, get_kernels
+from evformer.models._kernels import LIFParams, SpikeRows, get_kernels
 
-__all__ = ["iand", "ssa_attention", "synapse_bn_lif"]
+__all__ = ["SPARSE_MAX_DENSITY", "iand", "ssa_attention", "synapse_bn_lif"]
+
+
+def _density_from_env() -> float:
+    raw = os.environ.get("EVFORMER_SPARSE_DENSITY", "0.12")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"EVFORMER_SPARSE_DENSITY must be a number in [0, 1] (0 turns the event-driven "
+            f"products off), got {raw!r}"
+        )
+    return value
+
+
+#: Largest fraction of non-zero inputs at which a CPU conv/linear unit computes its forward
+#: product and weight gradient event-driven (per call, from the actual input). Measured
+#: break-even against oneDNN on a 2-core AVX-512 machine: about 0.2 (3x3 and 1x1); 0 turns
+#: it off. Set it with the environment variable ``EVFORMER_SPARSE_DENSITY`` or assign it.
+SPARSE_MAX_DENSITY = _density_from_env()
 
 
 @dataclass
@@ -107,6 +135,47 @@ def _bn_forward(y2: torch.Tensor, bn, kernels):
     return mean, invstd
 
 
+def _sparse_ok(kernels, x: torch.Tensor, cdt: torch.dtype) -> bool:
+    """May this call run its products event-driven? (CPU kernels, no autocast narrowing.)"""
+    return (
+        getattr(kernels, "sparse", False)
+        and SPARSE_MAX_DENSITY > 0
+        and x.device.type == "cpu"
+        and cdt == x.dtype
+        and x.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _product(
+    spec: SynapseSpec, kernels, x_phys, rows, phys_shape, w_c, b_c, groups: int
+) -> torch.Tensor:
+    """The unit's conv/linear output: ``[M, Cout]`` (linear) or ``[TB, Cout, Ho, Wo]`` in
+    channels-last memory (conv), from the input ``x_phys`` (``phys_shape``: ``[M, Cin]`` /
+    ``[TB, H, W, Cin]``) or, when ``rows`` is given, event-driven from its spikes."""
+    if spec.kind == "linear":
+        if rows is None:
+            return _linear(x_phys, w_c, b_c, groups)
+        M = rows.indptr.numel() - 1
+        wr = w_c.t().contiguous().view(1, 1, *w_c.shape[::-1])
+        out = kernels.sparse_conv_forward(rows, M, 1, 1, wr, b_c, (1, 1), (0, 0), 1, 1)
+        return out.view(M, w_c.shape[0])
+    if rows is None:
+        y4 = F.conv2d(x_phys.permute(0, 3, 1, 2), w_c, b_c, spec.stride, spec.padding)
+        return y4.contiguous(memory_format=torch.channels_last)
+    TB, H, W, _ = phys_shape
+    KH, KW = w_c.shape[2:]
+    Ho = _conv_out_size(H, KH, spec.stride, spec.padding)
+    Wo = _conv_out_size(W, KW, spec.stride, spec.padding)
+    wr = w_c.permute(2, 3, 1, 0).contiguous()
+    s, p = (spec.stride, spec.stride), (spec.padding, spec.padding)
+    out = kernels.sparse_conv_forward(rows, TB, H, W, wr, b_c, s, p, Ho, Wo)
+    return out.permute(0, 3, 1, 2)
+
+
 class _SynapseBNLIF(torch.autograd.Function):
     """Under autocast the conv/linear products (forward and backward) run in the autocast
     dtype, as autocast would run them, while BatchNorm statistics and the LIF kernels work in
@@ -120,20 +189,34 @@ class _SynapseBNLIF(torch.autograd.Function):
             kdt = torch.float32 if amp is not None else x.dtype  # dtype of BN + LIF
             w_c = weight.to(cdt)
             b_c = None if bias is None else bias.to(cdt)
+            groups = 1
             if spec.kind == "linear":
                 lead = x.shape[:-1]
-                x2 = x.reshape(-1, x.shape[-1])
+                x_phys = x.reshape(-1, x.shape[-1])  # [M, Cin]
                 groups = x.shape[0] * x.shape[1] if x.dim() >= 3 else 1
-                y = _linear(x2.to(cdt), w_c, b_c, groups)
-                C = y.shape[1]
-                y3 = y.view(x.shape[0], -1, C)
             else:
                 T, B = x.shape[:2]
                 x4 = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-                y4 = F.conv2d(x4.to(cdt), w_c, b_c, spec.stride, spec.padding)
-                y4 = y4.contiguous(memory_format=torch.channels_last)
-                TB, C, Ho, Wo = y4.shape
-                y3 = y4.permute(0, 2, 3, 1).reshape(T, -1, C)  # a view: NHWC is the memory order
+                x_phys = x4.permute(0, 2, 3, 1)  # [TB, H, W, Cin], contiguous
+            # keep the input for backward as spike rows (sparse), uint8 counts, or floats
+            rows = packed_x = None
+            if _sparse_ok(kernels, x, cdt):
+                scan = kernels.scan_counts(x_phys.reshape(-1, x_phys.shape[-1]))
+                if scan is not None:
+                    packed2, counts, has_big = scan
+                    if counts.sum() <= SPARSE_MAX_DENSITY * packed2.numel():
+                        rows = kernels.spike_rows(packed2, counts, has_big)
+                    else:
+                        packed_x = packed2.view(x_phys.shape)
+            elif needs_grad:
+                packed_x = kernels.pack(x_phys)
+            y = _product(spec, kernels, x_phys.to(cdt), rows, x_phys.shape, w_c, b_c, groups)
+            if spec.kind == "linear":
+                C = y.shape[1]
+                y3 = y.view(x.shape[0], -1, C)
+            else:
+                TB, C, Ho, Wo = y.shape
+                y3 = y.permute(0, 2, 3, 1).reshape(T, -1, C)  # a view: NHWC is the memory order
             y3k = y3.to(kdt)
             mean64, invstd64 = _bn_forward(y3k.view(-1, C), spec.bn, kernels)
             mean = mean64.to(kdt)
@@ -150,12 +233,12 @@ class _SynapseBNLIF(torch.autograd.Function):
                     out4 = out4.contiguous(memory_format=torch.channels_last)
                 out = out4.unflatten(0, (T, B))
         if needs_grad:
-            x_phys = x2 if spec.kind == "linear" else x4.permute(0, 2, 3, 1)
-            packed_x = kernels.pack(x_phys)
-            x_saved = packed_x if packed_x is not None else x_phys
+            if rows is not None:
+                x_saved = rows.tensors()
+            else:
+                x_saved = (packed_x if packed_x is not None else x_phys,)
             y_saved = y3.new_empty(0) if spec.recompute else y3
             ctx.save_for_backward(
-                x_saved,
                 weight,
                 bias if bias is not None else weight.new_empty(0),
                 bn_weight,
@@ -165,15 +248,16 @@ class _SynapseBNLIF(torch.autograd.Function):
                 invstd64,
                 y_saved,
                 packed3 if packed3 is not None else weight.new_empty(0, dtype=torch.uint8),
+                *x_saved,
             )
             ctx.spec, ctx.kernels = spec, kernels
             ctx.dtypes = (x.dtype, cdt, kdt)
             ctx.has_bias = bias is not None
-            ctx.shapes = (tuple(x.shape), tuple(spikes3.shape))
+            ctx.x_rows = rows is not None
+            ctx.shapes = (tuple(x.shape), tuple(x_phys.shape), tuple(spikes3.shape))
+            ctx.groups = groups
             if spec.kind == "conv":
                 ctx.conv_shape = (T, B, TB, C, Ho, Wo)
-            else:
-                ctx.groups = groups
         return out
 
     @staticmethod
@@ -184,29 +268,29 @@ class _SynapseBNLIF(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        (x_saved, weight, bias, bn_weight, scale, shift, mean, invstd64, y_saved, packed3) = (
+        (weight, bias, bn_weight, scale, shift, mean, invstd64, y_saved, packed3, *x_saved) = (
             ctx.saved_tensors
         )
         spec, kernels = ctx.spec, ctx.kernels
         x_dtype, cdt, kdt = ctx.dtypes
-        x_shape, s_shape = ctx.shapes
-        # the layer input, in the dtype of the products (uint8 spike counts are exact in any)
-        x_phys = kernels.unpack(x_saved, cdt) if x_saved.dtype == torch.uint8 else x_saved
-        x_phys = x_phys.to(cdt)
+        x_shape, phys_shape, s_shape = ctx.shapes
         w_c = weight.to(cdt)
         b_c = bias.to(cdt) if ctx.has_bias else None
+        # the layer input: spike rows, or a tensor in the products' dtype (uint8 spike counts
+        # are exact in any); a shape-only stand-in where only oneDNN's data gradient needs it
+        rows = x_phys = None
+        if ctx.x_rows:
+            rows = SpikeRows.from_tensors(x_saved, phys_shape[-1])
+        else:
+            x_phys = x_saved[0]
+            x_phys = kernels.unpack(x_phys, cdt) if x_phys.dtype == torch.uint8 else x_phys
+            x_phys = x_phys.to(cdt)
         own_buffer = False  # may the LIF backward overwrite grad-spikes in place?
         grad_out = grad_out.to(kdt)
         if spec.kind == "linear":
-            x2 = x_phys
             gs3 = grad_out.contiguous().view(s_shape)
-            if spec.recompute:
-                y3 = _linear(x2, w_c, b_c, ctx.groups).view(s_shape)
-            else:
-                y3 = y_saved
         else:
             Tt, B, TB, C, Ho, Wo = ctx.conv_shape
-            x4 = x_phys.permute(0, 3, 1, 2)  # channels-last NCHW view
             g4 = grad_out.flatten(0, 1).contiguous(memory_format=torch.channels_last)
             if spec.pool:
                 s_nhwc = packed3.view(TB, Ho, Wo, C)
@@ -215,12 +299,12 @@ class _SynapseBNLIF(torch.autograd.Function):
                 own_buffer = True
             else:
                 gs3 = g4.permute(0, 2, 3, 1).reshape(s_shape)
-            if spec.recompute:
-                y4 = F.conv2d(x4, w_c, b_c, spec.stride, spec.padding)
-                y3 = y4.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-                y3 = y3.reshape(s_shape)
-            else:
-                y3 = y_saved
+        if spec.recompute:
+            y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
+            y3 = y.reshape(s_shape) if spec.kind == "linear" else y.permute(0, 2, 3, 1)
+            y3 = y3.reshape(s_shape)
+        else:
+            y3 = y_saved
         y3 = y3.to(kdt)
         C = s_shape[-1]
         gz3, sum_g, sum_gy = kernels.bn_lif_backward(
@@ -251,28 +335,47 @@ class _SynapseBNLIF(torch.autograd.Function):
             # sum over rows of dL/dY = a*sum_g + b*sum(Y - mean) + M*d, and sum(Y - mean) = 0
             # for the batch mean (training) while b = d = 0 in eval: no pass over dL/dY needed
             grad_b = (a * sum_g + M * d).to(weight.dtype).to(dev)
+        x_like = x_phys
+        if x_like is None and need_x:  # oneDNN reads only the shape and memory format
+            x_like = torch.empty(phys_shape, dtype=cdt, device=dev)
         if spec.kind == "linear":
             if need_w:
-                grad_w = gy2.t().mm(x2)
+                if rows is None:
+                    grad_w = gy2.t().mm(x_phys)
+                else:
+                    M2 = rows.indptr.numel() - 1
+                    gw = kernels.sparse_conv_weight_grad(
+                        rows, M2, 1, 1, gy2.view(M2, 1, 1, -1), (1, 1), (1, 1), (0, 0)
+                    )
+                    grad_w = gw.view(gw.shape[2], gw.shape[3]).t().contiguous()
             if need_x:
-                grad_x = _linear_grad_input(gy2, x2, w_c, ctx.groups).view(x_shape)
+                grad_x = _linear_grad_input(gy2, x_like, w_c, ctx.groups).view(x_shape)
         else:
             gy4 = gy2.view(TB, Ho, Wo, C).permute(0, 3, 1, 2)
-            gx4, grad_w, _ = torch.ops.aten.convolution_backward(
-                gy4,
-                x4,
-                w_c,
-                None,
-                [spec.stride, spec.stride],
-                [spec.padding, spec.padding],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [need_x, need_w, False],
-            )
-            if need_x:
-                grad_x = gx4.unflatten(0, (Tt, B))
+            dense_w = need_w and rows is None
+            if need_x or dense_w:
+                gx4, grad_w, _ = torch.ops.aten.convolution_backward(
+                    gy4,
+                    (x_like if x_like is not None else x_phys).permute(0, 3, 1, 2),
+                    w_c,
+                    None,
+                    [spec.stride, spec.stride],
+                    [spec.padding, spec.padding],
+                    [1, 1],
+                    False,
+                    [0, 0],
+                    1,
+                    [need_x, dense_w, False],
+                )
+                if need_x:
+                    grad_x = gx4.unflatten(0, (Tt, B))
+            if need_w and rows is not None:
+                H, W = phys_shape[1:3]
+                s, p = (spec.stride, spec.stride), (spec.padding, spec.padding)
+                gw = kernels.sparse_conv_weight_grad(
+                    rows, TB, H, W, gy2.view(TB, Ho, Wo, C), tuple(w_c.shape[2:]), s, p
+                )
+                grad_w = gw.permute(3, 2, 0, 1).contiguous()
         return (
             None if grad_x is None else grad_x.to(x_dtype),
             None if grad_w is None else grad_w.to(weight.dtype),

@@ -1,0 +1,307 @@
+"""Numba CPU kernels for event-driven synaptic products: conv / linear fed by sparse spikes.
+
+Why: the inputs of most Spikformer convs and linears are spike counts, and many layers fire
+rarely (a few percent of the inputs are non-zero). A dense product spends its multiply-adds
+on zeros; here each non-zero input adds its weight rows into the outputs it reaches, so the
+work scales with the number of spikes. Two of a layer's three products profit: the forward
+product ``Y = X * W`` and the weight gradient ``dW = X^T * dY``; the input gradient
+``dX = dY * W^T`` is dense in ``dY`` and stays with oneDNN.
+
+Layout: the input is channels-last, ``[N, H, W, Cin]`` (a linear layer is the 1x1 case with
+``H = W = 1`` and ``N`` rows), stored by positions (CSR): ``indptr [N*H*W + 1]`` (int64),
+``idx [nnz]`` (int32 input channels, ascending within a position) and, unless every
+non-zero count is 1, ``vals [nnz]`` (uint8 counts). Weights are ``wr [KH, KW, Cin, Cout]``
+(contiguous rows of ``Cout`` outputs per input channel and tap); outputs are
+``[N, Ho, Wo, Cout]``. Sums run in the array dtype (float32 or float64), taps in
+``(kh, kw, channel)`` order, so results equal a dense conv to rounding.
+
+Parallel work is split into ``_*_chunk(i, nchunks, ...)`` functions that run either as Numba
+``prange`` loops or on torch's OpenMP team through trampolines, like
+:mod:`evformer.models._cpu_kernels` (same block conventions: [0] chunk counter,
+[1] nchunks). A chunk writes only its own outputs; the weight gradient gives each chunk its
+own slot of partial sums (``gw_slots [nchunks, KH, KW, Cin, Cout]``), summed by the caller,
+so results never depend on which thread ran which chunk.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+from numba import carray, cfunc, njit, prange, types
+
+from evformer.models._cpu_kernels import _chunk
+from evformer.models._omp_team import address, next_chunk
+
+__all__ = [
+    "scan_counts",
+    "fill_rows",
+    "sparse_conv_forward",
+    "sparse_conv_weight_grad",
+    "team_trampolines",
+]
+
+
+@njit(cache=True, error_model="numpy")
+def _scan_counts_chunk(i, nchunks, x, packed, counts, flags):
+    M, C = x.shape
+    m0, m1 = _chunk(i, M, nchunks)
+    zero = x.dtype.type(0)
+    top = x.dtype.type(255)
+    nbad = 0
+    nbig = 0
+    for m in range(m0, m1):
+        xr = x[m]
+        pr = packed[m]
+        cnt = 0
+        for c in range(C):
+            v = xr[c]
+            # clamp before converting (float -> uint8 of an out-of-range value is undefined);
+            # NaN fails ``v > 0`` and becomes 0, then fails the round-trip test
+            vc = v if v > zero else zero
+            vc = vc if vc < top else top
+            u = np.uint8(vc)
+            pr[c] = u
+            nbad += np.int64(x.dtype.type(u) != v)
+            cnt += np.int64(u != 0)
+            nbig += np.int64(u > 1)
+        counts[m] = cnt
+    flags[i, 0] = nbad
+    flags[i, 1] = nbig
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def scan_counts(x, packed, counts, flags, nchunks):
+    """Pack ``x [M, C]`` (float spike counts) into ``packed [M, C]`` (uint8), count the
+    non-zeros of each row into ``counts [M]`` (int64) and, per chunk, into
+    ``flags [nchunks, 2]``: the number of values that are not integers in [0, 255] (the
+    copy is lossless iff the total is 0; NaN counts as bad) and the number of counts > 1."""
+    for i in prange(nchunks):
+        _scan_counts_chunk(i, nchunks, x, packed, counts, flags)
+
+
+@njit(cache=True, error_model="numpy")
+def _fill_rows_chunk(i, nchunks, packed, indptr, idx, vals, want_vals):
+    M, C = packed.shape
+    m0, m1 = _chunk(i, M, nchunks)
+    for m in range(m0, m1):
+        pr = packed[m]
+        j = indptr[m]
+        for c in range(C):
+            u = pr[c]
+            if u != 0:
+                idx[j] = c
+                if want_vals:
+                    vals[j] = u
+                j += 1
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def fill_rows(packed, indptr, idx, vals, want_vals, nchunks):
+    """CSR of ``packed [M, C]`` (uint8): with ``indptr`` (the prefix sums of the row counts)
+    given, write each row's non-zero columns (ascending) to ``idx`` and, when
+    ``want_vals``, their counts to ``vals``."""
+    for i in prange(nchunks):
+        _fill_rows_chunk(i, nchunks, packed, indptr, idx, vals, want_vals)
+
+
+@njit(cache=True, error_model="numpy")
+def _sparse_conv_forward_chunk(
+    i, nchunks, indptr, idx, vals, binary, H, W, wr, bias, has_bias, sh, sw, ph, pw, out
+):
+    KH, KW, Cin, Cout = wr.shape
+    N, Ho, Wo, _ = out.shape
+    P = N * Ho * Wo
+    q0, q1 = _chunk(i, P, nchunks)
+    for q in range(q0, q1):
+        n = q // (Ho * Wo)
+        r = q - n * (Ho * Wo)
+        oh = r // Wo
+        ow = r - oh * Wo
+        acc = out[n, oh, ow]
+        if has_bias:
+            acc[:] = bias
+        else:
+            acc[:] = 0
+        for kh in range(KH):
+            ih = oh * sh - ph + kh
+            if ih < 0 or ih >= H:
+                continue
+            for kw in range(KW):
+                iw = ow * sw - pw + kw
+                if iw < 0 or iw >= W:
+                    continue
+                pos = (n * H + ih) * W + iw
+                if binary:
+                    for j in range(indptr[pos], indptr[pos + 1]):
+                        wrow = wr[kh, kw, idx[j]]
+                        for k in range(Cout):
+                            acc[k] += wrow[k]
+                else:
+                    for j in range(indptr[pos], indptr[pos + 1]):
+                        wrow = wr[kh, kw, idx[j]]
+                        v = wr.dtype.type(vals[j])
+                        for k in range(Cout):
+                            acc[k] += v * wrow[k]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def sparse_conv_forward(
+    indptr, idx, vals, binary, H, W, wr, bias, has_bias, sh, sw, ph, pw, out, nchunks
+):
+    """``out [N, Ho, Wo, Cout] = conv(X, W) (+ bias)`` for the spike counts ``X`` given by
+    rows (module docstring) over an ``H x W`` input; stride ``(sh, sw)``, zero padding
+    ``(ph, pw)``. ``binary``: every count is 1 (``vals`` is not read)."""
+    for i in prange(nchunks):
+        _sparse_conv_forward_chunk(
+            i, nchunks, indptr, idx, vals, binary, H, W, wr, bias, has_bias, sh, sw, ph, pw, out
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def _sparse_conv_weight_grad_chunk(
+    i, nchunks, indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw, gw_slots
+):
+    _, KH, KW, Cin, Cout = gw_slots.shape
+    N, Ho, Wo, _ = gy.shape
+    gw = gw_slots[i]
+    gw[:] = 0
+    P = N * Ho * Wo
+    q0, q1 = _chunk(i, P, nchunks)
+    for q in range(q0, q1):
+        n = q // (Ho * Wo)
+        r = q - n * (Ho * Wo)
+        oh = r // Wo
+        ow = r - oh * Wo
+        g = gy[n, oh, ow]
+        for kh in range(KH):
+            ih = oh * sh - ph + kh
+            if ih < 0 or ih >= H:
+                continue
+            for kw in range(KW):
+                iw = ow * sw - pw + kw
+                if iw < 0 or iw >= W:
+                    continue
+                pos = (n * H + ih) * W + iw
+                if binary:
+                    for j in range(indptr[pos], indptr[pos + 1]):
+                        grow = gw[kh, kw, idx[j]]
+                        for k in range(Cout):
+                            grow[k] += g[k]
+                else:
+                    for j in range(indptr[pos], indptr[pos + 1]):
+                        grow = gw[kh, kw, idx[j]]
+                        v = gy.dtype.type(vals[j])
+                        for k in range(Cout):
+                            grow[k] += v * g[k]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def sparse_conv_weight_grad(indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw, gw_slots):
+    """Partial weight gradients ``gw_slots[i] = sum over chunk i's output positions of
+    X^T * gy`` (``[KH, KW, Cin, Cout]`` each; ``gy [N, Ho, Wo, Cout]``); the weight
+    gradient is ``gw_slots.sum(0)``. One chunk per slot."""
+    nchunks = gw_slots.shape[0]
+    for i in prange(nchunks):
+        _sparse_conv_weight_grad_chunk(
+            i, nchunks, indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw, gw_slots
+        )
+
+
+# ---- trampolines for torch's OpenMP team
+
+# Argument-block layouts (int64 slots after [0] chunk counter and [1] nchunks):
+_SCN = 8  # M C x packed counts flags
+_FIL = 10  # M C packed indptr nnz idx vals want_vals
+_SFW = 24  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary wr bias has_bias sh sw ph
+#            pw out
+_SWG = 22  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary gy sh sw ph pw gw_slots
+
+
+@cache
+def team_trampolines(dtype_name: str) -> dict:
+    """Addresses of the trampolines of every kernel here for ``float32`` / ``float64``."""
+    dt = getattr(np, dtype_name)
+    i64 = np.int64
+    i32 = np.int32
+    u8 = np.uint8
+    sig = types.void(types.voidptr)
+    opts = {"error_model": "numpy", "cache": True}
+
+    @cfunc(sig, **opts)
+    def scan(block):
+        a = carray(block, (_SCN,), i64)
+        counter = carray(block, (1,), i64)
+        nch, M, C = a[1], a[2], a[3]
+        x = carray(address(a[4]), (M, C), dt)
+        packed = carray(address(a[5]), (M, C), u8)
+        counts = carray(address(a[6]), (M,), i64)
+        flags = carray(address(a[7]), (nch, 2), i64)
+        i = next_chunk(counter)
+        while i < nch:
+            _scan_counts_chunk(i, nch, x, packed, counts, flags)
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def fill(block):
+        a = carray(block, (_FIL,), i64)
+        counter = carray(block, (1,), i64)
+        nch, M, C, nnz = a[1], a[2], a[3], a[6]
+        packed = carray(address(a[4]), (M, C), u8)
+        indptr = carray(address(a[5]), (M + 1,), i64)
+        idx = carray(address(a[7]), (max(nnz, 1),), i32)
+        vals = carray(address(a[8]), (max(nnz, 1),), u8)
+        i = next_chunk(counter)
+        while i < nch:
+            _fill_rows_chunk(i, nch, packed, indptr, idx, vals, a[9] != 0)
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def conv_forward(block):
+        a = carray(block, (_SFW,), i64)
+        counter = carray(block, (1,), i64)
+        nch, N, H, W, Cin, Cout, KH, KW, Ho, Wo = (
+            a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+        )  # fmt: skip
+        nnz = a[12]
+        indptr = carray(address(a[11]), (N * H * W + 1,), i64)
+        idx = carray(address(a[13]), (max(nnz, 1),), i32)
+        vals = carray(address(a[14]), (max(nnz, 1),), u8)
+        wr = carray(address(a[16]), (KH, KW, Cin, Cout), dt)
+        bias = carray(address(a[17]), (Cout,), dt)
+        out = carray(address(a[23]), (N, Ho, Wo, Cout), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _sparse_conv_forward_chunk(
+                i, nch, indptr, idx, vals, a[15] != 0, H, W, wr, bias, a[18] != 0,
+                a[19], a[20], a[21], a[22], out,
+            )  # fmt: skip
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def conv_weight_grad(block):
+        a = carray(block, (_SWG,), i64)
+        counter = carray(block, (1,), i64)
+        nch, N, H, W, Cin, Cout, KH, KW, Ho, Wo = (
+            a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+        )  # fmt: skip
+        nnz = a[12]
+        indptr = carray(address(a[11]), (N * H * W + 1,), i64)
+        idx = carray(address(a[13]), (max(nnz, 1),), i32)
+        vals = carray(address(a[14]), (max(nnz, 1),), u8)
+        gy = carray(address(a[16]), (N, Ho, Wo, Cout), dt)
+        gw_slots = carray(address(a[21]), (nch, KH, KW, Cin, Cout), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _sparse_conv_weight_grad_chunk(
+                i, nch, indptr, idx, vals, a[15] != 0, H, W, gy, a[17], a[18], a[19],
+                a[20], gw_slots,
+            )  # fmt: skip
+            i = next_chunk(counter)
+
+    return {
+        "scan": scan.address,
+        "fill": fill.address,
+        "conv_forward": conv_forward.address,
+        "conv_weight_grad": conv_weight_grad.address,
+    }

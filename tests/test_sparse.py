@@ -1,0 +1,266 @@
+"""Event-driven (spike-sparse) conv / linear products on CPU.
+
+References: torch's dense ``F.conv2d`` / ``convolution_backward`` (oneDNN) on the same
+inputs, NumPy's ``nonzero`` for the spike rows, and the fused unit with the event-driven
+path switched off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evformer.models import _omp_team, functional
+from evformer.models._kernels import SPIKFORMER_LIF, NumbaKernels, SpikeRows
+from evformer.models.functional import SynapseSpec, synapse_bn_lif
+
+K = NumbaKernels
+
+
+def _spikes(shape, density, gen, max_count=1, dtype=torch.float32):
+    """Random spike counts in {0..max_count} with about ``density`` non-zeros."""
+    on = torch.rand(shape, generator=gen) < density
+    counts = torch.randint(1, max_count + 1, shape, generator=gen)
+    return (on * counts).to(dtype)
+
+
+def _rows(x2: torch.Tensor) -> SpikeRows:
+    scan = K.scan_counts(x2)
+    assert scan is not None
+    packed, counts, has_big = scan
+    return K.spike_rows(packed, counts, has_big)
+
+
+# ---- spike rows
+
+
+@pytest.mark.parametrize("max_count", [1, 3])
+def test_scan_and_rows_equal_numpy(max_count):
+    g = torch.Generator().manual_seed(0)
+    x = _spikes((257, 70), 0.1, g, max_count)
+    packed, counts, has_big = K.scan_counts(x)
+    xn = x.numpy()
+    np.testing.assert_array_equal(packed.numpy(), xn.astype(np.uint8))
+    np.testing.assert_array_equal(counts, (xn != 0).sum(1))
+    assert has_big == (max_count > 1)
+    rows = K.spike_rows(packed, counts, has_big)
+    r, c = np.nonzero(xn)  # row-major: columns ascending within a row
+    np.testing.assert_array_equal(rows.indptr.numpy(), np.r_[0, np.cumsum((xn != 0).sum(1))])
+    np.testing.assert_array_equal(rows.idx.numpy(), c)
+    if max_count > 1:
+        np.testing.assert_array_equal(rows.vals.numpy(), xn[r, c].astype(np.uint8))
+    else:
+        assert rows.vals is None
+    assert rows.nnz == len(c) and rows.num_cols == 70
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, 256.0, float("nan"), float("inf")])
+def test_scan_refuses_values_that_are_not_uint8_counts(bad):
+    x = torch.zeros(300, 8)
+    x[200, 3] = bad  # past the 64-value early check: the full pass must find it
+    assert K.scan_counts(x) is None
+    assert K.scan_counts(torch.rand(10, 8) + 0.1) is None  # images: early exit
+    assert K.scan_counts(torch.zeros(8, 10).t()) is None  # not contiguous
+
+
+def test_rows_of_an_all_zero_input():
+    rows = _rows(torch.zeros(5, 4))
+    assert rows.nnz == 0 and rows.indptr.tolist() == [0] * 6
+
+
+# ---- products against oneDNN
+
+
+CONV_CASES = [
+    # N, Cin, Cout, H, W, k, stride, pad
+    (3, 5, 7, 9, 11, 3, 1, 1),
+    (2, 4, 6, 8, 8, 2, 2, 0),  # SCS stem conv
+    (2, 3, 5, 9, 7, 3, 2, 1),
+    (4, 6, 3, 5, 5, 1, 1, 0),
+    (1, 2, 4, 6, 6, 5, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("max_count", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_conv_forward_and_weight_grad_equal_dense(case, max_count, dtype):
+    N, Cin, Cout, H, W, k, s, p = case
+    g = torch.Generator().manual_seed(1)
+    x = _spikes((N, H, W, Cin), 0.3, g, max_count, dtype)  # NHWC
+    w = torch.randn(Cout, Cin, k, k, generator=g, dtype=dtype)
+    bias = torch.randn(Cout, generator=g, dtype=dtype)
+    x4 = x.permute(0, 3, 1, 2)
+    ref = F.conv2d(x4, w, bias, s, p)
+    Ho, Wo = ref.shape[2:]
+    rows = _rows(x.reshape(-1, Cin))
+    wr = w.permute(2, 3, 1, 0).contiguous()
+    out = K.sparse_conv_forward(rows, N, H, W, wr, bias, (s, s), (p, p), Ho, Wo)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref.permute(0, 2, 3, 1), rtol=tol, atol=tol)
+    no_bias = K.sparse_conv_forward(rows, N, H, W, wr, None, (s, s), (p, p), Ho, Wo)
+    torch.testing.assert_close(no_bias, (ref - bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1))
+
+    gy = torch.randn(N, Ho, Wo, Cout, generator=g, dtype=dtype)
+    _, ref_w, _ = torch.ops.aten.convolution_backward(
+        gy.permute(0, 3, 1, 2), x4, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )  # fmt: skip
+    gw = K.sparse_conv_weight_grad(rows, N, H, W, gy, (k, k), (s, s), (p, p))
+    torch.testing.assert_close(gw.permute(3, 2, 0, 1), ref_w, rtol=tol, atol=tol)
+
+
+def test_sparse_products_of_an_all_zero_input_are_the_bias_and_zero():
+    rows = _rows(torch.zeros(2 * 4 * 4, 3))
+    wr = torch.randn(3, 3, 3, 5)
+    bias = torch.arange(5.0)
+    out = K.sparse_conv_forward(rows, 2, 4, 4, wr, bias, (1, 1), (1, 1), 4, 4)
+    assert torch.equal(out, bias.expand(2, 4, 4, 5))
+    gw = K.sparse_conv_weight_grad(rows, 2, 4, 4, torch.randn(2, 4, 4, 5), (3, 3), (1, 1), (1, 1))
+    assert torch.equal(gw, torch.zeros(3, 3, 3, 5))
+
+
+def _torch_uses_openmp() -> bool:
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_team_and_prange_give_identical_results(monkeypatch, threads):
+    if not _torch_uses_openmp():
+        pytest.skip("torch is not built on OpenMP here")
+    g = torch.Generator().manual_seed(2)
+    x = _spikes((3, 10, 12, 9), 0.2, g, 2)
+    w = torch.randn(3, 3, 9, 16, generator=g)
+    gy = torch.randn(3, 10, 12, 16, generator=g)
+    results = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for flag in ("1", "0"):
+            monkeypatch.setenv("EVFORMER_OMP_TEAM", flag)
+            _omp_team.team.cache_clear()
+            assert (_omp_team.team() is not None) == (flag == "1")
+            rows = _rows(x.reshape(-1, 9))
+            out = K.sparse_conv_forward(rows, 3, 10, 12, w, None, (1, 1), (1, 1), 10, 12)
+            gw = K.sparse_conv_weight_grad(rows, 3, 10, 12, gy, (3, 3), (1, 1), (1, 1))
+            results.append((rows.indptr, rows.idx, rows.vals, out, gw))
+    finally:
+        torch.set_num_threads(old)
+        _omp_team.team.cache_clear()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---- the fused unit: event-driven vs dense
+
+
+def _unit(kind, pool=False, recompute=False, dtype=torch.float32, bias=False):
+    g = torch.Generator().manual_seed(3)
+    if kind == "conv":
+        w = nn.Parameter(torch.randn(8, 6, 3, 3, generator=g, dtype=dtype) * 0.5)
+        spec_kw = {"stride": 1, "padding": 1, "pool": pool}
+    else:
+        w = nn.Parameter(torch.randn(8, 6, generator=g, dtype=dtype) * 0.5)
+        spec_kw = {}
+    b = nn.Parameter(torch.randn(8, generator=g, dtype=dtype)) if bias else None
+    bn = nn.BatchNorm2d(8) if kind == "conv" else nn.BatchNorm1d(8)
+    bn = bn.to(dtype)
+    spec = SynapseSpec(kind, bn, SPIKFORMER_LIF, "numba", recompute=recompute, **spec_kw)
+    return w, b, bn, spec
+
+
+def _run_unit(x, w, b, bn, spec, gen):
+    x = x.clone().requires_grad_(True)
+    for p in (w, b, bn.weight, bn.bias):
+        if p is not None:
+            p.grad = None
+    out = synapse_bn_lif(x, w, b, bn, spec)
+    out.backward(torch.randn(out.shape, generator=gen, dtype=out.dtype))
+    grads = [x.grad, w.grad, bn.weight.grad, bn.bias.grad] + ([b.grad] if b is not None else [])
+    return [out.detach()] + [t.clone() for t in grads]
+
+
+@pytest.mark.parametrize(
+    "kind,pool,recompute,bias",
+    [
+        ("conv", False, False, False),
+        ("conv", True, False, False),
+        ("conv", False, True, False),
+        ("linear", False, False, True),
+        ("linear", False, True, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_event_driven_equals_dense(monkeypatch, kind, pool, recompute, bias, dtype):
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 2, 6, 8, 8) if kind == "conv" else (3, 2, 10, 6)
+    x = _spikes(shape, 0.08, g, 2, dtype)
+    w, b, bn, spec = _unit(kind, pool, recompute, dtype, bias)
+    results = {}
+    calls = []
+    real = K.sparse_conv_forward
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "sparse_conv_forward", staticmethod(counting))
+    for density in (0.0, 1.0):
+        monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", density)
+        bn.reset_running_stats()
+        results[density] = _run_unit(x, w, b, bn, spec, torch.Generator().manual_seed(5))
+    assert len(calls) == (2 if recompute else 1)  # only the event-driven run used it
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for dense, sparse in zip(results[0.0], results[1.0]):
+        torch.testing.assert_close(sparse, dense, rtol=tol, atol=tol)
+
+
+def test_unit_chooses_by_density(monkeypatch):
+    calls = []
+    real = K.sparse_conv_forward
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "sparse_conv_forward", staticmethod(counting))
+    monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", 0.12)
+    w, b, bn, spec = _unit("conv")
+    g = torch.Generator().manual_seed(6)
+    synapse_bn_lif(_spikes((2, 2, 6, 8, 8), 0.05, g), w, b, bn, spec)
+    assert len(calls) == 1
+    synapse_bn_lif(_spikes((2, 2, 6, 8, 8), 0.3, g), w, b, bn, spec)
+    assert len(calls) == 1  # too dense: oneDNN
+    synapse_bn_lif(torch.rand(2, 2, 6, 8, 8, generator=g) * 0.1, w, b, bn, spec)
+    assert len(calls) == 1  # real-valued input: oneDNN
+
+
+def test_sparse_input_is_saved_smaller_than_uint8(monkeypatch):
+    """At 5 % density the rows (int32 column + int64 row pointer) take well under the
+    1 byte per input of uint8 counts."""
+    monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", 0.12)
+    w, b, bn, spec = _unit("linear")
+    w = nn.Parameter(torch.randn(8, 64))
+    x = _spikes((4, 8, 16, 64), 0.05, torch.Generator().manual_seed(7)).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        synapse_bn_lif(x, w, b, bn, spec)
+    int_bytes = sum(t.numel() * t.element_size() for t in saved if not t.is_floating_point())
+    assert 0 < int_bytes < 0.5 * x.numel()
+
+
+def test_density_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("EVFORMER_SPARSE_DENSITY", "0.3")
+    assert functional._density_from_env() == 0.3
+    for bad in ("high", "-0.1", "1.5", "nan"):
+        monkeypatch.setenv("EVFORMER_SPARSE_DENSITY", bad)
+        with pytest.raises(ValueError, match="EVFORMER_SPARSE_DENSITY"):
+            functional._density_from_env()
