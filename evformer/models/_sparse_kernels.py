@@ -13,7 +13,8 @@ Layout: the input is channels-last, ``[N, H, W, Cin]`` (a linear layer is the 1x
 non-zero count is 1, ``vals [nnz]`` (uint8 counts). Weights are ``wr [KH, KW, Cin, Cout]``
 (contiguous rows of ``Cout`` outputs per input channel and tap); outputs are
 ``[N, Ho, Wo, Cout]``. Sums run in the array dtype (float32 or float64), taps in
-``(kh, kw, channel)`` order, so results equal a dense conv to rounding.
+``(kh, kw, channel)`` order (a few terms at a time), so results equal a dense conv to
+rounding.
 
 Parallel work is split into ``_*_chunk(i, nchunks, ...)`` functions that run either as Numba
 ``prange`` loops or on torch's OpenMP team through trampolines, like
@@ -111,6 +112,12 @@ def _sparse_conv_forward_chunk(
 ):
     KH, KW, Cin, Cout = wr.shape
     N, Ho, Wo, _ = out.shape
+    wrows = wr.reshape(KH * KW * Cin, Cout)
+    dt = wr.dtype.type
+    # per output position: the weight rows its spikes select, then summed four rows per
+    # pass over the output row (fewer loads and stores of it than one row at a time)
+    sel = np.empty(KH * KW * Cin, dtype=np.int64)
+    vv = np.empty(KH * KW * Cin, dtype=wr.dtype)
     P = N * Ho * Wo
     q0, q1 = _chunk(i, P, nchunks)
     for q in range(q0, q1):
@@ -118,11 +125,7 @@ def _sparse_conv_forward_chunk(
         r = q - n * (Ho * Wo)
         oh = r // Wo
         ow = r - oh * Wo
-        acc = out[n, oh, ow]
-        if has_bias:
-            acc[:] = bias
-        else:
-            acc[:] = 0
+        cnt = 0
         for kh in range(KH):
             ih = oh * sh - ph + kh
             if ih < 0 or ih >= H:
@@ -132,17 +135,54 @@ def _sparse_conv_forward_chunk(
                 if iw < 0 or iw >= W:
                     continue
                 pos = (n * H + ih) * W + iw
-                if binary:
-                    for j in range(indptr[pos], indptr[pos + 1]):
-                        wrow = wr[kh, kw, idx[j]]
-                        for k in range(Cout):
-                            acc[k] += wrow[k]
-                else:
-                    for j in range(indptr[pos], indptr[pos + 1]):
-                        wrow = wr[kh, kw, idx[j]]
-                        v = wr.dtype.type(vals[j])
-                        for k in range(Cout):
-                            acc[k] += v * wrow[k]
+                tap = (kh * KW + kw) * Cin
+                for j in range(indptr[pos], indptr[pos + 1]):
+                    sel[cnt] = tap + idx[j]
+                    if not binary:
+                        vv[cnt] = dt(vals[j])
+                    cnt += 1
+        acc = out[n, oh, ow]
+        if has_bias:
+            acc[:] = bias
+        else:
+            acc[:] = 0
+        j = 0
+        # 1-D row views: indexing them vectorises, offset arithmetic into one flat array
+        # measured ~10x slower
+        if binary:
+            while j + 4 <= cnt:
+                w0, w1, wc, w3 = (
+                    wrows[sel[j]],
+                    wrows[sel[j + 1]],
+                    wrows[sel[j + 2]],
+                    wrows[sel[j + 3]],
+                )
+                for k in range(Cout):
+                    acc[k] += (w0[k] + w1[k]) + (wc[k] + w3[k])
+                j += 4
+            while j < cnt:
+                w0 = wrows[sel[j]]
+                for k in range(Cout):
+                    acc[k] += w0[k]
+                j += 1
+        else:
+            while j + 4 <= cnt:
+                w0, w1, wc, w3 = (
+                    wrows[sel[j]],
+                    wrows[sel[j + 1]],
+                    wrows[sel[j + 2]],
+                    wrows[sel[j + 3]],
+                )
+                v0, v1, v2, v3 = vv[j], vv[j + 1], vv[j + 2], vv[j + 3]
+                for k in range(Cout):
+                    acc[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * wc[k] + v3 * w3[k])
+                j += 4
+            while j < cnt:
+                w0 = wrows[sel[j]]
+                v0 = vv[j]
+                for k in range(Cout):
+                    acc[k] += v0 * w0[k]
+                j += 1
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
