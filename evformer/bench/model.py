@@ -25,10 +25,15 @@ instead of spinning between ops, which frees the cores for evformer's Numba kern
 helps on a busy machine) applies to both libraries alike.
 evformer's CPU kernels run on torch's own OpenMP threads; ``EVFORMER_OMP_TEAM=0`` in the
 environment times them as Numba ``prange`` loops instead (same results).
+evformer computes a conv/linear unit's forward product and weight gradient event-driven
+when at most ``EVFORMER_SPARSE_DENSITY`` (default 0.12) of its inputs are non-zero spikes
+(per call, from the actual input: in these random-input steps the SPS convs 2-3, the
+attention projections and the second MLP layers, which see 1.5-7 % non-zero inputs);
+``EVFORMER_SPARSE_DENSITY=0`` times every product dense (oneDNN) instead.
 Targets: step time <= 0.8x and peak memory <= 0.6x spikingjelly's.
 
 ``--breakdown`` adds, per library, one step under the torch profiler split into the dense
-products (convolutions, their backward, matrix products: the same FLOPs in both libraries)
+products (convolutions, their backward, matrix products), evformer's event-driven products,
 and everything else (normalisation, neurons, attention glue, optimizer, framework). The
 profiler adds overhead, so these seconds exceed the timed step; the split is what they show.
 """
@@ -139,8 +144,13 @@ DENSE_OPS = frozenset(
 )
 
 
+#: profiler ranges of evformer's event-driven (spike-sparse) products
+SPARSE_OPS = frozenset({"evformer::sparse_conv_forward", "evformer::sparse_conv_weight_grad"})
+
+
 def _breakdown(step) -> dict:
-    """Seconds of one profiled step: total self time, and the dense products' share."""
+    """Seconds of one profiled step: total self time, the dense products' and the
+    event-driven products' shares."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -148,7 +158,8 @@ def _breakdown(step) -> dict:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS) / 1e6
-    return {"profiled_s": total, "dense_s": dense}
+    sparse = sum(e.self_cpu_time_total for e in events if e.key in SPARSE_OPS) / 1e6
+    return {"profiled_s": total, "dense_s": dense, "sparse_s": sparse}
 
 
 def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
@@ -239,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.breakdown and args.device == "cpu":
             for lib in LIBS:
                 b = _run_worker(lib, config, args, "breakdown")
-                rest = b["profiled_s"] - b["dense_s"]
-                times = (b["profiled_s"], b["dense_s"], rest)
+                rest = b["profiled_s"] - b["dense_s"] - b["sparse_s"]
+                times = (b["profiled_s"], b["dense_s"], b["sparse_s"], rest)
                 split.append([config, lib, *(f"{x:.3f}" for x in times)])
         ev, sj = res["evformer"], res["spikingjelly"]
         rt, rm = ev["time_s"] / sj["time_s"], ev["peak_mb"] / sj["peak_mb"]
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if split:
         print("\n### One profiled step (CPU self time, s)\n")
-        print_table(["config", "library", "profiled step", "dense products", "rest"], split)
+        head = ["config", "library", "profiled step", "dense products", "event-driven", "rest"]
+        print_table(head, split)
     print(f"\ntargets {'met' if ok else 'NOT met'}; total {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -376,19 +376,20 @@ class NumbaKernels:
         (sh, sw), (ph, pw) = stride, padding
         nchunks = K.num_chunks(N * Ho * Wo)
         team = _team_for(dtype, wr, b)
-        if team is not None:
-            block = _block(
-                SK._SFW, nchunks, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
-                rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), wr.data_ptr(),
-                b.data_ptr(), int(has_bias), sh, sw, ph, pw, out.data_ptr(),
-            )  # fmt: skip
-            team.run(_sparse_trampoline("conv_forward", dtype), block)
-        else:
-            vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
-            SK.sparse_conv_forward(
-                _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(wr), _np(b),
-                has_bias, sh, sw, ph, pw, _np(out), nchunks,
-            )  # fmt: skip
+        with torch.profiler.record_function("evformer::sparse_conv_forward"):
+            if team is not None:
+                block = _block(
+                    SK._SFW, nchunks, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
+                    rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), wr.data_ptr(),
+                    b.data_ptr(), int(has_bias), sh, sw, ph, pw, out.data_ptr(),
+                )  # fmt: skip
+                team.run(_sparse_trampoline("conv_forward", dtype), block)
+            else:
+                vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
+                SK.sparse_conv_forward(
+                    _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(wr), _np(b),
+                    has_bias, sh, sw, ph, pw, _np(out), nchunks,
+                )  # fmt: skip
         return out
 
     @staticmethod
@@ -408,19 +409,20 @@ class NumbaKernels:
         vals = rows.idx if binary else rows.vals
         (sh, sw), (ph, pw) = stride, padding
         team = _team_for(dtype, gy)
-        if team is not None:
-            block = _block(
-                SK._SWG, nslots, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
-                rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), gy.data_ptr(),
-                sh, sw, ph, pw, slots.data_ptr(),
-            )  # fmt: skip
-            team.run(_sparse_trampoline("conv_weight_grad", dtype), block)
-        else:
-            vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
-            SK.sparse_conv_weight_grad(
-                _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(gy), sh, sw,
-                ph, pw, _np(slots),
-            )  # fmt: skip
+        with torch.profiler.record_function("evformer::sparse_conv_weight_grad"):
+            if team is not None:
+                block = _block(
+                    SK._SWG, nslots, N, H, W, Cin, Cout, KH, KW, Ho, Wo, rows.indptr.data_ptr(),
+                    rows.nnz, rows.idx.data_ptr(), vals.data_ptr(), int(binary), gy.data_ptr(),
+                    sh, sw, ph, pw, slots.data_ptr(),
+                )  # fmt: skip
+                team.run(_sparse_trampoline("conv_weight_grad", dtype), block)
+            else:
+                vals_np = np.empty(1, dtype=np.uint8) if binary else _np(rows.vals)
+                SK.sparse_conv_weight_grad(
+                    _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(gy), sh, sw,
+                    ph, pw, _np(slots),
+                )  # fmt: skip
         return slots[0] if nslots == 1 else slots.sum(0)
 
 
