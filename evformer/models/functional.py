@@ -61,7 +61,8 @@ def _density_from_env() -> float:
 #: Largest fraction of non-zero inputs at which a CPU conv/linear unit computes its forward
 #: product and weight gradient event-driven (per call, from the actual input). Measured
 #: break-even against oneDNN on a 2-core AVX-512 machine: about 0.25 (3x3 and 1x1, forward
-#: plus weight gradient); 0 turns it off. Set it with the environment variable ``EVFORMER_SPARSE_DENSITY`` or assign it.
+#: plus weight gradient); 0 turns it off. Set it with the environment variable
+#: ``EVFORMER_SPARSE_DENSITY`` or assign it.
 SPARSE_MAX_DENSITY = _density_from_env()
 
 
