@@ -157,6 +157,20 @@ def test_team_and_prange_give_identical_results(monkeypatch, threads):
 # ---- the fused unit: event-driven vs dense
 
 
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """A list that grows by one at each event-driven forward product."""
+    calls = []
+    real = K.sparse_conv_forward
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "sparse_conv_forward", staticmethod(counting))
+    return calls
+
+
 def _unit(kind, pool=False, recompute=False, dtype=torch.float32, bias=False):
     g = torch.Generator().manual_seed(3)
     if kind == "conv":
@@ -194,39 +208,26 @@ def _run_unit(x, w, b, bn, spec, gen):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_unit_event_driven_equals_dense(monkeypatch, kind, pool, recompute, bias, dtype):
+def test_unit_event_driven_equals_dense(
+    monkeypatch, sparse_calls, kind, pool, recompute, bias, dtype
+):
     g = torch.Generator().manual_seed(4)
     shape = (3, 2, 6, 8, 8) if kind == "conv" else (3, 2, 10, 6)
     x = _spikes(shape, 0.08, g, 2, dtype)
     w, b, bn, spec = _unit(kind, pool, recompute, dtype, bias)
     results = {}
-    calls = []
-    real = K.sparse_conv_forward
-
-    def counting(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(K, "sparse_conv_forward", staticmethod(counting))
     for density in (0.0, 1.0):
         monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", density)
         bn.reset_running_stats()
         results[density] = _run_unit(x, w, b, bn, spec, torch.Generator().manual_seed(5))
-    assert len(calls) == (2 if recompute else 1)  # only the event-driven run used it
+    assert len(sparse_calls) == (2 if recompute else 1)  # only the event-driven run used it
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for dense, sparse in zip(results[0.0], results[1.0]):
         torch.testing.assert_close(sparse, dense, rtol=tol, atol=tol)
 
 
-def test_unit_chooses_by_density(monkeypatch):
-    calls = []
-    real = K.sparse_conv_forward
-
-    def counting(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(K, "sparse_conv_forward", staticmethod(counting))
+def test_unit_chooses_by_density(monkeypatch, sparse_calls):
+    calls = sparse_calls
     monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", 0.12)
     w, b, bn, spec = _unit("conv")
     g = torch.Generator().manual_seed(6)

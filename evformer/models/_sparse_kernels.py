@@ -107,13 +107,42 @@ def fill_rows(packed, indptr, idx, vals, want_vals, nchunks):
 
 
 @njit(cache=True, error_model="numpy")
+def _select_rows(q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv):
+    """The spikes output position ``q`` (flat over ``[N, Ho, Wo]``) sees through a
+    ``KH x KW`` window: their weight-row indices ``(kh*KW + kw)*Cin + c`` into ``sel`` and,
+    unless ``binary``, their counts into ``vv``, in ``(kh, kw, c)`` order; returns
+    ``(count, n, oh, ow)``."""
+    KH = sel.shape[0] // (KW * Cin)
+    n = q // (Ho * Wo)
+    r = q - n * (Ho * Wo)
+    oh = r // Wo
+    ow = r - oh * Wo
+    cnt = 0
+    for kh in range(KH):
+        ih = oh * sh - ph + kh
+        if ih < 0 or ih >= H:
+            continue
+        for kw in range(KW):
+            iw = ow * sw - pw + kw
+            if iw < 0 or iw >= W:
+                continue
+            pos = (n * H + ih) * W + iw
+            tap = (kh * KW + kw) * Cin
+            for j in range(indptr[pos], indptr[pos + 1]):
+                sel[cnt] = tap + idx[j]
+                if not binary:
+                    vv[cnt] = vals[j]
+                cnt += 1
+    return cnt, n, oh, ow
+
+
+@njit(cache=True, error_model="numpy")
 def _sparse_conv_forward_chunk(
     i, nchunks, indptr, idx, vals, binary, H, W, wr, bias, has_bias, sh, sw, ph, pw, out
 ):
     KH, KW, Cin, Cout = wr.shape
     N, Ho, Wo, _ = out.shape
     wrows = wr.reshape(KH * KW * Cin, Cout)
-    dt = wr.dtype.type
     # per output position: the weight rows its spikes select, then summed four rows per
     # pass over the output row (fewer loads and stores of it than one row at a time)
     sel = np.empty(KH * KW * Cin, dtype=np.int64)
@@ -121,26 +150,9 @@ def _sparse_conv_forward_chunk(
     P = N * Ho * Wo
     q0, q1 = _chunk(i, P, nchunks)
     for q in range(q0, q1):
-        n = q // (Ho * Wo)
-        r = q - n * (Ho * Wo)
-        oh = r // Wo
-        ow = r - oh * Wo
-        cnt = 0
-        for kh in range(KH):
-            ih = oh * sh - ph + kh
-            if ih < 0 or ih >= H:
-                continue
-            for kw in range(KW):
-                iw = ow * sw - pw + kw
-                if iw < 0 or iw >= W:
-                    continue
-                pos = (n * H + ih) * W + iw
-                tap = (kh * KW + kw) * Cin
-                for j in range(indptr[pos], indptr[pos + 1]):
-                    sel[cnt] = tap + idx[j]
-                    if not binary:
-                        vv[cnt] = dt(vals[j])
-                    cnt += 1
+        cnt, n, oh, ow = _select_rows(
+            q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv
+        )
         acc = out[n, oh, ow]
         if has_bias:
             acc[:] = bias
@@ -206,34 +218,28 @@ def _sparse_conv_weight_grad_chunk(
     N, Ho, Wo, _ = gy.shape
     gw = gw_slots[i]
     gw[:] = 0
+    grows = gw.reshape(KH * KW * Cin, Cout)
+    sel = np.empty(KH * KW * Cin, dtype=np.int64)
+    vv = np.empty(KH * KW * Cin, dtype=gy.dtype)
     P = N * Ho * Wo
     q0, q1 = _chunk(i, P, nchunks)
     for q in range(q0, q1):
-        n = q // (Ho * Wo)
-        r = q - n * (Ho * Wo)
-        oh = r // Wo
-        ow = r - oh * Wo
+        cnt, n, oh, ow = _select_rows(
+            q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv
+        )
         g = gy[n, oh, ow]
-        for kh in range(KH):
-            ih = oh * sh - ph + kh
-            if ih < 0 or ih >= H:
-                continue
-            for kw in range(KW):
-                iw = ow * sw - pw + kw
-                if iw < 0 or iw >= W:
-                    continue
-                pos = (n * H + ih) * W + iw
-                if binary:
-                    for j in range(indptr[pos], indptr[pos + 1]):
-                        grow = gw[kh, kw, idx[j]]
-                        for k in range(Cout):
-                            grow[k] += g[k]
-                else:
-                    for j in range(indptr[pos], indptr[pos + 1]):
-                        grow = gw[kh, kw, idx[j]]
-                        v = gy.dtype.type(vals[j])
-                        for k in range(Cout):
-                            grow[k] += v * g[k]
+        # each spike adds this position's output gradient to its own weight row
+        if binary:
+            for j in range(cnt):
+                grow = grows[sel[j]]
+                for k in range(Cout):
+                    grow[k] += g[k]
+        else:
+            for j in range(cnt):
+                grow = grows[sel[j]]
+                v = vv[j]
+                for k in range(Cout):
+                    grow[k] += v * g[k]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -256,6 +262,27 @@ _FIL = 10  # M C packed indptr nnz idx vals want_vals
 _SFW = 24  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary wr bias has_bias sh sw ph
 #            pw out
 _SWG = 22  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary gy sh sw ph pw gw_slots
+
+
+@njit(cache=True)
+def _conv_block_args(a):
+    """The slots the conv trampolines share (2-15): sizes, the spike rows and ``binary``."""
+    N, H, W, Cin, Cout, KH, KW, Ho, Wo, nnz = (
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        a[7],
+        a[8],
+        a[9],
+        a[10],
+        a[12],
+    )
+    indptr = carray(address(a[11]), (N * H * W + 1,), np.int64)
+    idx = carray(address(a[13]), (max(nnz, 1),), np.int32)
+    vals = carray(address(a[14]), (max(nnz, 1),), np.uint8)
+    return N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, a[15] != 0
 
 
 @cache
@@ -300,20 +327,15 @@ def team_trampolines(dtype_name: str) -> dict:
     def conv_forward(block):
         a = carray(block, (_SFW,), i64)
         counter = carray(block, (1,), i64)
-        nch, N, H, W, Cin, Cout, KH, KW, Ho, Wo = (
-            a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
-        )  # fmt: skip
-        nnz = a[12]
-        indptr = carray(address(a[11]), (N * H * W + 1,), i64)
-        idx = carray(address(a[13]), (max(nnz, 1),), i32)
-        vals = carray(address(a[14]), (max(nnz, 1),), u8)
+        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a)
+        nch = a[1]
         wr = carray(address(a[16]), (KH, KW, Cin, Cout), dt)
         bias = carray(address(a[17]), (Cout,), dt)
         out = carray(address(a[23]), (N, Ho, Wo, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
             _sparse_conv_forward_chunk(
-                i, nch, indptr, idx, vals, a[15] != 0, H, W, wr, bias, a[18] != 0,
+                i, nch, indptr, idx, vals, binary, H, W, wr, bias, a[18] != 0,
                 a[19], a[20], a[21], a[22], out,
             )  # fmt: skip
             i = next_chunk(counter)
@@ -322,19 +344,14 @@ def team_trampolines(dtype_name: str) -> dict:
     def conv_weight_grad(block):
         a = carray(block, (_SWG,), i64)
         counter = carray(block, (1,), i64)
-        nch, N, H, W, Cin, Cout, KH, KW, Ho, Wo = (
-            a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
-        )  # fmt: skip
-        nnz = a[12]
-        indptr = carray(address(a[11]), (N * H * W + 1,), i64)
-        idx = carray(address(a[13]), (max(nnz, 1),), i32)
-        vals = carray(address(a[14]), (max(nnz, 1),), u8)
+        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a)
+        nch = a[1]
         gy = carray(address(a[16]), (N, Ho, Wo, Cout), dt)
         gw_slots = carray(address(a[21]), (nch, KH, KW, Cin, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
             _sparse_conv_weight_grad_chunk(
-                i, nch, indptr, idx, vals, a[15] != 0, H, W, gy, a[17], a[18], a[19],
+                i, nch, indptr, idx, vals, binary, H, W, gy, a[17], a[18], a[19],
                 a[20], gw_slots,
             )  # fmt: skip
             i = next_chunk(counter)
