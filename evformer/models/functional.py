@@ -45,7 +45,7 @@ __all__ = ["SPARSE_MAX_DENSITY", "iand", "ssa_attention", "synapse_bn_lif"]
 
 
 def _density_from_env() -> float:
-    raw = os.environ.get("EVFORMER_SPARSE_DENSITY", "0.2")
+    raw = os.environ.get("EVFORMER_SPARSE_DENSITY", "0.12")
     try:
         value = float(raw)
     except ValueError:
@@ -60,9 +60,10 @@ def _density_from_env() -> float:
 
 #: Largest fraction of non-zero inputs at which a CPU conv/linear unit computes its forward
 #: product and weight gradient event-driven (per call, from the actual input). Measured
-#: break-even against oneDNN on a 2-core AVX-512 machine: about 0.25 (3x3 and 1x1, forward
-#: plus weight gradient); 0 turns it off. Set it with the environment variable
-#: ``EVFORMER_SPARSE_DENSITY`` or assign it.
+#: break-even against oneDNN (forward plus weight gradient, 2-core AVX-512 machine): about
+#: 0.25 while a layer's weights fit the L2 cache, about 0.17 inside a training step for a
+#: 3x3 384->384 conv (5 MB of weight rows for the gradient's scatter); 0 turns it off.
+#: Set it with the environment variable ``EVFORMER_SPARSE_DENSITY`` or assign it.
 SPARSE_MAX_DENSITY = _density_from_env()
 
 
