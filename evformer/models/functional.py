@@ -303,8 +303,7 @@ class _SynapseBNLIF(torch.autograd.Function):
                 gs3 = g4.permute(0, 2, 3, 1).reshape(s_shape)
         if spec.recompute:
             y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
-            y3 = y.reshape(s_shape) if spec.kind == "linear" else y.permute(0, 2, 3, 1)
-            y3 = y3.reshape(s_shape)
+            y3 = (y if spec.kind == "linear" else y.permute(0, 2, 3, 1)).reshape(s_shape)
         else:
             y3 = y_saved
         y3 = y3.to(kdt)
