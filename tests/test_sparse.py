@@ -239,6 +239,22 @@ def test_unit_chooses_by_density(monkeypatch, sparse_calls):
     assert len(calls) == 1  # real-valued input: oneDNN
 
 
+def test_density_limit_shrinks_for_large_weights(monkeypatch, sparse_calls):
+    monkeypatch.setattr(functional, "SPARSE_MAX_DENSITY", 0.12)
+    small = torch.empty(384, 384, 3, 3)  # 5.3 MB
+    assert functional.sparse_density_limit(small) == 0.12
+    big = torch.empty(4096, 1024)  # 16 MiB: half the limit
+    assert functional.sparse_density_limit(big) == pytest.approx(0.06)
+    assert functional.sparse_density_limit(big.double()) == pytest.approx(0.03)
+    # units at 9 % input density: dense with 16 MiB of weights, event-driven with 4 MiB
+    x = _spikes((2, 2, 3, 1024), 0.09, torch.Generator().manual_seed(8))
+    for cout, calls in ((4096, 0), (1024, 1)):
+        bn = nn.BatchNorm1d(cout)
+        spec = SynapseSpec("linear", bn, SPIKFORMER_LIF, "numba")
+        synapse_bn_lif(x, nn.Parameter(torch.randn(cout, 1024) * 0.05), None, bn, spec)
+        assert len(sparse_calls) == calls
+
+
 def test_sparse_input_is_saved_smaller_than_uint8(monkeypatch):
     """At 5 % density the rows (int32 column + int64 row pointer) take well under the
     1 byte per input of uint8 counts."""

@@ -21,7 +21,8 @@ On CPU the token-wise linear layers run as 1x1 oneDNN convolutions (same arithme
 measurably faster than the BLAS gemm behind ``F.linear``); weight gradients use the gemm.
 
 Event-driven products (CPU): when a unit's input is spike counts and at most
-:data:`SPARSE_MAX_DENSITY` of them are non-zero, the forward product and the weight
+:func:`sparse_density_limit` of them are non-zero (:data:`SPARSE_MAX_DENSITY`, lower for
+layers with large weights), the forward product and the weight
 gradient run over the spikes only (:mod:`evformer.models._sparse_kernels`; the work scales
 with the spike count) and the input is kept for the backward pass by rows (CSR), which is
 smaller than uint8 at such densities. The input gradient stays a dense oneDNN product.
@@ -41,7 +42,14 @@ from torch import nn
 
 from evformer.models._kernels import LIFParams, SpikeRows, get_kernels
 
-__all__ = ["SPARSE_MAX_DENSITY", "iand", "ssa_attention", "synapse_bn_lif"]
+__all__ = [
+    "SPARSE_MAX_DENSITY",
+    "SPARSE_WEIGHT_BYTES",
+    "iand",
+    "sparse_density_limit",
+    "ssa_attention",
+    "synapse_bn_lif",
+]
 
 
 def _density_from_env() -> float:
@@ -65,6 +73,20 @@ def _density_from_env() -> float:
 #: 3x3 384->384 conv (5 MB of weight rows for the gradient's scatter); 0 turns it off.
 #: Set it with the environment variable ``EVFORMER_SPARSE_DENSITY`` or assign it.
 SPARSE_MAX_DENSITY = _density_from_env()
+
+#: weight size above which the density limit shrinks in proportion: the event-driven
+#: products gather (forward) and scatter into (weight gradient) rows of the weights, which
+#: then no longer stay in cache; measured break-even for 3x3 convs on 14x14: 0.16 at
+#: 10.6 MB of weights (384->768), 0.085 at 21 MB (768->768)
+SPARSE_WEIGHT_BYTES = 8 * 2**20
+
+
+def sparse_density_limit(weight: torch.Tensor) -> float:
+    """The largest input density at which a unit with ``weight`` runs event-driven:
+    :data:`SPARSE_MAX_DENSITY`, scaled by ``SPARSE_WEIGHT_BYTES / weight bytes`` when the
+    weights are larger than that."""
+    nbytes = weight.numel() * weight.element_size()
+    return SPARSE_MAX_DENSITY * min(1.0, SPARSE_WEIGHT_BYTES / max(nbytes, 1))
 
 
 @dataclass
@@ -206,7 +228,7 @@ class _SynapseBNLIF(torch.autograd.Function):
                 scan = kernels.scan_counts(x_phys.reshape(-1, x_phys.shape[-1]))
                 if scan is not None:
                     packed2, counts, has_big = scan
-                    if counts.sum() <= SPARSE_MAX_DENSITY * packed2.numel():
+                    if counts.sum() <= sparse_density_limit(w_c) * packed2.numel():
                         rows = kernels.spike_rows(packed2, counts, has_big)
                     else:
                         packed_x = packed2.view(x_phys.shape)
