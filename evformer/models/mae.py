@@ -1,0 +1,279 @@
+"""Masked-autoencoder pieces for Spikformer V2 pretraining (paper section 4.2).
+
+Split as MAE splits its model (masking, encoder, decoder, loss). This module holds the
+parts that do not depend on the spiking encoder:
+
+- :func:`random_masking`: MAE's per-sample random masking of the ``L`` tokens, drawn from a
+  generator you pass (never from the input values);
+- :func:`upsample_mask`: the token mask repeated ``s x s`` to an SCS stage's resolution
+  (ConvMAE / SparK), and :func:`patchify` / :func:`unpatchify` for any channel count;
+- :func:`sincos_pos_embed_2d`: fixed 2-D sin-cos position embeddings;
+- :class:`MAEDecoder`: the light non-spiking Transformer decoder (``torch.nn`` layers);
+- :func:`mae_loss`: mean squared error on per-patch normalised pixels, masked patches only.
+
+Token order everywhere is row-major over the ``h x w`` token grid (token ``r * w + c``),
+the order of ``SCS`` output tokens (``flatten(3)`` of ``[..., D, h, w]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Masking",
+    "MAEDecoder",
+    "mae_loss",
+    "num_visible",
+    "patchify",
+    "random_masking",
+    "sincos_pos_embed_2d",
+    "unpatchify",
+    "upsample_mask",
+]
+
+
+def num_visible(num_tokens: int, mask_ratio: float) -> int:
+    """Tokens kept out of ``num_tokens`` at ``mask_ratio``: ``int(L * (1 - ratio))``, MAE's
+    truncation (224 px, patch 16, ratio 0.75: 196 -> 49). At least one token must stay."""
+    if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    keep = int(num_tokens * (1.0 - mask_ratio))
+    if keep < 1:
+        raise ValueError(
+            f"mask_ratio {mask_ratio} keeps no token of {num_tokens}: lower the ratio or use "
+            "a larger input"
+        )
+    return keep
+
+
+@dataclass(frozen=True)
+class Masking:
+    """One batch's random mask (MAE's ``random_masking`` outputs).
+
+    ``ids_keep [B, len_keep]`` int64: original indices of the visible tokens, in the order the
+    encoder sees them (ascending noise); ``ids_restore [B, L]`` int64: position of each
+    original token in the shuffled order (``argsort(ids_shuffle)``); ``mask [B, L]`` float:
+    1 = masked (removed), 0 = visible, in the original token order.
+    """
+
+    ids_keep: torch.Tensor
+    ids_restore: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def len_keep(self) -> int:
+        return self.ids_keep.shape[1]
+
+    def grid(self, h: int, w: int) -> torch.Tensor:
+        """The *visible* map ``[B, h, w]`` (1 = visible), as the stem multiplies it in."""
+        B, L = self.mask.shape
+        if h * w != L:
+            raise ValueError(f"a {h}x{w} token grid has {h * w} tokens, the mask has {L}")
+        return (1.0 - self.mask).view(B, h, w)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Visible tokens of ``x [..., B, L, D]`` -> ``[..., B, len_keep, D]`` (any leading
+        dims, e.g. the time axis of ``[T, B, L, D]``: the same tokens at every step)."""
+        idx = self.ids_keep.unsqueeze(-1).expand(*self.ids_keep.shape, x.shape[-1])
+        idx = idx.expand(*x.shape[:-3], *idx.shape)
+        return torch.gather(x, -2, idx)
+
+
+def random_masking(
+    batch: int,
+    num_tokens: int,
+    mask_ratio: float,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
+) -> Masking:
+    """MAE's random masking of ``num_tokens`` tokens for ``batch`` samples.
+
+    Per sample, uniform noise ``[L]`` is drawn from ``generator`` (on the generator's
+    device) and argsorted; the ``len_keep`` tokens with the smallest noise stay visible
+    (:func:`num_visible`). The result depends only on the generator's state and the shape,
+    never on input values; give each rank its own seeded generator for different masks.
+    """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    len_keep = num_visible(num_tokens, mask_ratio)
+    noise = torch.rand(batch, num_tokens, generator=generator, device=generator.device)
+    if device is not None:
+        noise = noise.to(device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch, num_tokens, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Masking(ids_keep, ids_restore, mask)
+
+
+def upsample_mask(grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, h, w]`` -> ``[B, h * factor, w * factor]``, each entry repeated ``factor x
+    factor`` (``repeat_interleave`` on both axes, as ConvMAE): the mask of an SCS stage
+    whose resolution is ``factor`` times the token grid's."""
+    if factor < 1:
+        raise ValueError(f"upsample factor must be >= 1, got {factor}")
+    return grid.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` -> patches ``[B, L, p*p*C]``, ``L = (H/p)(W/p)``.
+
+    Pixel ``(c, r*p + i, q*p + j)`` goes to token ``r * (W/p) + q``, feature
+    ``(i*p + j) * C + c`` (MAE's layout, for any ``C``: 3 for RGB, 2 for ON/OFF frames).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"patchify expects [B, C, H, W], got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image {H}x{W} is not divisible by the patch size {p}")
+    h, w = H // p, W // p
+    x = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # B h w i j C
+    return x.reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, h*w, p*p*C]`` -> ``[B, C, h*p, w*p]``."""
+    B, L, F = x.shape
+    p = patch_size
+    if L != h * w or F != p * p * channels:
+        raise ValueError(
+            f"unpatchify: got {L} tokens of {F} values, expected {h}x{w} tokens of "
+            f"{p}*{p}*{channels} = {p * p * channels}"
+        )
+    x = x.reshape(B, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)  # B C h i w j
+    return x.reshape(B, channels, h * p, w * p)
+
+
+def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings ``[h*w, dim]`` (float32), token order row-major.
+
+    The first ``dim/2`` channels encode the column, the last ``dim/2`` the row; each half is
+    ``[sin(pos * omega_k), cos(pos * omega_k)]`` with ``omega_k = 10000^(-k / (dim/4))``,
+    ``k = 0 .. dim/4 - 1`` (the 1-D Transformer encoding, as MAE uses per axis).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([axis(cols), axis(rows)], dim=1).float()
+
+
+class MAEDecoder(nn.Module):
+    """The light non-spiking Transformer decoder (paper: 4 layers, 256 wide, 4 heads).
+
+    ``Linear(encoder_dim -> dim)`` of the visible tokens, a shared learnable mask token for
+    every removed one, the sequence un-shuffled to the original order with
+    ``ids_restore``, fixed 2-D sin-cos position embeddings added to all tokens, ``depth``
+    pre-norm ``torch.nn.TransformerEncoderLayer`` blocks (GELU MLP, ``mlp_ratio``), LayerNorm,
+    ``Linear(dim -> p*p*C)``. Spikformer has no class token, so neither has the decoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder_dim: int,
+        grid_size: tuple[int, int],
+        patch_dim: int,
+        dim: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder dim {dim} must be divisible by decoder heads {num_heads}")
+        if depth < 1:
+            raise ValueError(f"decoder depth must be >= 1, got {depth}")
+        h, w = grid_size
+        self.grid_size = (int(h), int(w))
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # fixed, not learned (a buffer follows .to(device) and lands in the state dict)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, h, w).unsqueeze(0))
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            num_heads,
+            dim_feedforward=int(dim * mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # MAE: mask token normal(0.02), Linear xavier-uniform with zero bias, LayerNorm 1/0
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Decoder input ``[B, L, dim]``: embedded visible tokens ``latent [B, len_keep, D]``
+        (in the shuffled order) and mask tokens, un-shuffled, plus position embeddings."""
+        x = self.embed(latent)
+        B, keep, dim = x.shape
+        L = ids_restore.shape[1]
+        if L != self.grid_size[0] * self.grid_size[1]:
+            raise ValueError(
+                f"decoder built for a {self.grid_size[0]}x{self.grid_size[1]} grid, got a mask "
+                f"of {L} tokens"
+            )
+        x = torch.cat([x, self.mask_token.expand(B, L - keep, dim).to(x.dtype)], dim=1)
+        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(B, L, dim))
+        return x + self.pos_embed.to(x.dtype)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """``latent [B, len_keep, D]``, ``ids_restore [B, L]`` -> predictions ``[B, L,
+        p*p*C]`` in the original token order."""
+        x = self.blocks(self.tokens(latent, ids_restore))
+        return self.pred(self.norm(x))
+
+
+def mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, norm_pix: bool = True
+) -> torch.Tensor:
+    """Mean squared error over masked patches only.
+
+    ``pred``, ``target`` ``[B, L, p*p*C]`` (target from :func:`patchify`), ``mask [B, L]``
+    (1 = masked). With ``norm_pix`` each target patch is normalised by its own mean and
+    unbiased variance, ``(t - mean) / sqrt(var + 1e-6)`` (MAE). The per-patch mean squared
+    error is averaged over the masked patches; visible patches get no gradient.
+    """
+    if pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(
+            f"mae_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask "
+            f"{tuple(mask.shape)} do not match ([B, L, F], [B, L, F], [B, L])"
+        )
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as MAE
+        target = (target - mean) / torch.sqrt(var + 1.0e-6)
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    mask = mask.to(per_patch.dtype)
+    n = mask.sum()
+    if not bool(n > 0):
+        raise ValueError("mae_loss: the mask hides no patch; nothing to reconstruct")
+    return (per_patch * mask).sum() / n
