@@ -383,6 +383,23 @@ def test_fit_rejects_amp_on_cpu():
         )
 
 
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ({"betas": (0.9,)}, "betas"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"topk": ()}, "topk"),
+        ({"topk": (0, 1)}, "topk"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"amp_dtype": "float8"}, "amp_dtype"),
+    ],
+)
+def test_fit_config_rejects_bad_settings_by_name(setting, match):
+    FitConfig().validate()
+    with pytest.raises(ValueError, match=match):
+        FitConfig(**setting).validate()
+
+
 def test_nonfinite_loss_stops_with_checkpoint_from_before(tmp_path):
     ds = _linear_problem(n=64)
     x, y = ds.tensors

@@ -5,6 +5,7 @@ dvs_gesture --demo with a reduced budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import pickle
@@ -17,8 +18,17 @@ import pytest
 import torch
 import yaml
 
+from evformer.engine import FitConfig
 from evformer.events import from_columns, write_aedat2, write_aedat31
-from evformer.recipes._common import PRESET_DIR, load_preset, parse_config
+from evformer.recipes._common import (
+    PRESET_DIR,
+    config_dict,
+    load_preset,
+    parse_config,
+    resolve_preset,
+)
+from evformer.recipes._event import EventConfig
+from evformer.recipes._static import StaticConfig
 
 RECIPES = ("dvs_gesture", "cifar10_dvs", "cifar10", "cifar100", "imagenet")
 
@@ -140,6 +150,10 @@ def test_recipe_trains_and_evaluates_on_fake_files(recipe, data_root, tmp_path):
     assert config["recipe"] == recipe and config["T"] == 2 and config["data_root"] == str(data_root)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["model"] == config["model"]
+    # the run's config.yaml is itself a preset that reproduces the run's settings
+    mod = importlib.import_module(f"evformer.recipes.{recipe}")
+    again = mod.Config(**load_preset(mod.Config, out / "config.yaml", recipe=recipe))
+    assert config_dict(again, recipe=recipe) == config
     for png in ("curves.png", "confusion_matrix.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -174,6 +188,118 @@ def test_every_preset_loads_into_its_recipe(path):
     values = load_preset(mod.Config, path, recipe=recipe)
     cfg = mod.Config(**values)
     assert cfg.model.startswith("spikformer_") and cfg.T in (1, 4, 10, 16)
+
+
+# settings a recipe may leave out of its preset: where the run happens, not what it is
+MACHINE_SETTINGS = {"num_workers"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_default_preset_and_config_agree_field_by_field(recipe):
+    """The published numbers live in the recipe's ``Config`` and in its default preset;
+    neither may drift from the other."""
+    mod = importlib.import_module(f"evformer.recipes.{recipe}")
+    path = resolve_preset(mod.RECIPE.default_preset)
+    preset = load_preset(mod.Config, path, recipe=recipe)
+    default = mod.Config()
+    differ = {k: (v, getattr(default, k)) for k, v in preset.items() if getattr(default, k) != v}
+    assert not differ, f"{path.name} vs {recipe}.Config() (preset, Config): {differ}"
+    # every value the recipe sets differently from its family's defaults is published too
+    family = EventConfig if issubclass(mod.Config, EventConfig) else StaticConfig
+    base = family()
+    own = {f.name for f in dataclasses.fields(mod.Config)}
+    own = {k for k in own if getattr(default, k) != getattr(base, k)} - MACHINE_SETTINGS
+    assert own <= set(preset), f"{path.name} lacks {sorted(own - set(preset))}"
+    assert default.model.startswith("spikformer_") and default.model == preset["model"]
+
+
+# one non-default value per engine setting, as it is typed on the command line
+ENGINE_FLAGS = {
+    "epochs": (["--epochs", "7"], 7),
+    "cooldown_epochs": (["--cooldown-epochs", "2"], 2),
+    "batch_size": (["--batch-size", "8"], 8),
+    "eval_batch_size": (["--eval-batch-size", "5"], 5),
+    "lr": (["--lr", "3e-3"], 3e-3),
+    "min_lr": (["--min-lr", "2e-5"], 2e-5),
+    "warmup_lr": (["--warmup-lr", "3e-6"], 3e-6),
+    "warmup_epochs": (["--warmup-epochs", "0.5"], 0.5),
+    "weight_decay": (["--weight-decay", "0.01"], 0.01),
+    "layer_decay": (["--layer-decay", "0.75"], 0.75),
+    "betas": (["--betas", "0.8", "0.99"], (0.8, 0.99)),
+    "label_smoothing": (["--label-smoothing", "0.2"], 0.2),
+    "mixup_off_epoch": (["--mixup-off-epoch", "4"], 4),
+    "clip_grad": (["--clip-grad", "1.5"], 1.5),
+    "amp": (["--no-amp"], False),
+    "amp_dtype": (["--amp-dtype", "bfloat16"], "bfloat16"),
+    "sync_bn": (["--sync-bn"], True),
+    "seed": (["--seed", "7"], 7),
+    "num_workers": (["--num-workers", "2"], 2),
+    "checkpoint_every": (["--checkpoint-every", "3"], 3),
+    "eval_every": (["--eval-every", "2"], 2),
+    "max_steps_per_epoch": (["--max-steps-per-epoch", "3"], 3),
+    "max_eval_batches": (["--max-eval-batches", "2"], 2),
+    "topk": (["--topk", "1,3"], (1, 3)),
+    "progress": (["--no-progress"], False),
+    "find_unused_parameters": (["--find-unused-parameters"], True),
+    "plots": (["--no-plots"], False),
+    "tensorboard": (["--no-tensorboard"], False),
+}
+
+
+def test_every_engine_setting_reaches_the_engine_from_the_command_line(tmp_path, monkeypatch):
+    import evformer.engine
+    from evformer.engine import FitResult
+
+    assert set(ENGINE_FLAGS) == {f.name for f in dataclasses.fields(FitConfig)}
+    mod = importlib.import_module("evformer.recipes.cifar10")
+    demo = parse_config(mod.Config, ["--demo"], recipe="cifar10", demo=mod.DEMO, description="")
+    for name, (_, value) in ENGINE_FLAGS.items():
+        assert getattr(demo, name) != value, f"pick a value for {name} that is not the default"
+
+    handed = []
+
+    def fake_fit(model, *, config, **kwargs):
+        handed.append(config)
+        return FitResult(final=None, best_acc1=0.0, best_epoch=-1)
+
+    monkeypatch.setattr(evformer.engine, "fit", fake_fit)
+    argv = ["--demo", "--model-args", "embed_dim=32,depth=1,num_heads=2", "--device", "cpu"]
+    argv += ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    argv += [token for flag, _ in ENGINE_FLAGS.values() for token in flag]
+    assert _main("cifar10", argv) == 0
+    (config,) = handed
+    assert type(config) is FitConfig  # the engine's settings alone, not the recipe's
+    assert dataclasses.asdict(config) == {k: v for k, (_, v) in ENGINE_FLAGS.items()}
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["--amp"], "amp", True),
+        (["--amp", "false"], "amp", False),
+        (["--amp", "auto"], "amp", None),
+        (["--no-amp", "--amp", "none"], "amp", None),
+        (["--betas", "0.9,0.95"], "betas", (0.9, 0.95)),
+        (["--eval-t", "1", "2", "4"], "eval_t", (1, 2, 4)),
+        (["--eval-t", "1,2,4"], "eval_t", (1, 2, 4)),
+        (["--topk", "1"], "topk", (1,)),
+    ],
+)
+def test_flag_spellings(argv, field, value):
+    mod = importlib.import_module("evformer.recipes.dvs_gesture")
+    cfg = parse_config(mod.Config, argv, recipe="dvs_gesture", demo=mod.DEMO, description="")
+    assert getattr(cfg, field) == value
+
+
+def test_fixed_length_settings_are_checked(tmp_path, capsys):
+    mod = importlib.import_module("evformer.recipes.dvs_gesture")
+    with pytest.raises(SystemExit) as exc:
+        parse_config(mod.Config, ["--betas", "0.9"], recipe="dvs_gesture", demo={}, description="")
+    assert exc.value.code == 2 and "--betas: expected 2 values" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: dvs_gesture\nbetas: [0.9, 0.99, 0.999]\n")
+    with pytest.raises(ValueError, match="betas"):
+        load_preset(mod.Config, bad, recipe="dvs_gesture")
 
 
 def test_preset_errors_name_the_problem(tmp_path, capsys):

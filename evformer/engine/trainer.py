@@ -55,37 +55,41 @@ BatchMix = Callable[
 
 @dataclass
 class FitConfig:
-    """Everything :func:`fit` needs besides the model and data. Learning rates are absolute
-    (not scaled by the batch size); ``batch_size`` is the global batch over all processes."""
+    """Everything :func:`fit` needs besides the model and data: the one definition of the
+    training settings. Learning rates are absolute (not scaled by the batch size);
+    ``batch_size`` is the global batch over all processes.
+
+    The defaults suit library use (a quick run on in-memory data); each recipe's ``Config``
+    inherits these fields and overrides the defaults with its published values."""
 
     epochs: int = 1  # cosine epochs (warmup included); cooldown epochs come on top
     cooldown_epochs: int = 0  # extra epochs at min_lr
     batch_size: int = 16  # global; each of N processes takes batch_size / N
     eval_batch_size: int | None = None  # per process; None: batch_size / N
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.05
+    lr: float = 1e-3  # AdamW peak learning rate (after warmup)
+    min_lr: float = 1e-5  # end of the cosine, and the cooldown lr
+    warmup_lr: float = 1e-6  # lr at step 0, rising linearly to lr
+    warmup_epochs: float = 0.0  # linear warmup (fractions allowed), part of epochs
+    weight_decay: float = 0.05  # AdamW; not applied to biases, norms and embeddings
     layer_decay: float | None = None  # e.g. 0.7 for fine-tuning; None: one lr for all layers
-    betas: tuple[float, float] = (0.9, 0.999)
-    label_smoothing: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
+    label_smoothing: float = 0.0  # applied by the loss to hard and mixed targets alike
     mixup_off_epoch: int | None = None  # Mixup/CutMix off from this epoch on (None: never)
     clip_grad: float | None = None  # max global grad norm; None: no clipping
-    amp: bool | None = None  # None: on with CUDA, off on CPU
-    amp_dtype: str = "float16"  # or "bfloat16" (no loss scaling needed)
+    amp: bool | None = None  # mixed precision; None (auto): on with CUDA, off on CPU
+    amp_dtype: str = "float16"  # float16 or bfloat16 (bfloat16 needs no loss scaling)
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
-    seed: int = 0
-    num_workers: int = 0
+    seed: int = 0  # data order, augmentation and initial weights
+    num_workers: int = 0  # DataLoader worker processes per rank
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: epoch ends only)
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     max_steps_per_epoch: int | None = None  # cap on batches per epoch (smoke tests, demos)
-    max_eval_batches: int | None = None
-    topk: tuple[int, ...] = (1, 5)
+    max_eval_batches: int | None = None  # cap on test batches per evaluation
+    topk: tuple[int, ...] = (1, 5)  # evaluated top-k (acc1/acc5 are NaN without 1/5 here)
     progress: bool = True  # tqdm bar on rank 0
-    find_unused_parameters: bool = False
-    plots: bool = True
-    tensorboard: bool = True
+    find_unused_parameters: bool = False  # DDP: for models with parameters a step may skip
+    plots: bool = True  # curves.png and confusion_matrix.png in the run directory
+    tensorboard: bool = True  # tensorboard/ event files (when tensorboard is installed)
 
     @property
     def total_epochs(self) -> int:
@@ -102,6 +106,10 @@ class FitConfig:
             raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
         if self.eval_every < 1 or self.checkpoint_every < 0:
             raise ValueError("eval_every must be >= 1 and checkpoint_every >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.topk or any(k < 1 for k in self.topk):
+            raise ValueError(f"topk must be one or more integers >= 1, got {self.topk}")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -26,6 +27,8 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from evformer.engine.trainer import FitConfig
+
 # Top-level ``recipes/`` of the source checkout, where the YAML presets live.
 PRESET_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -33,9 +36,12 @@ EXIT_OK, EXIT_ERROR, EXIT_NO_DATA, EXIT_NONFINITE = 0, 1, 2, 3
 
 
 @dataclass
-class RecipeConfig:
-    """Fields shared by every recipe. Each recipe's ``Config`` subclass sets the defaults to
-    its published values (SPEC-models.md, the official Spikformer configs)."""
+class RecipeConfig(FitConfig):
+    """A recipe's settings: the engine's training settings (inherited from
+    :class:`~evformer.engine.FitConfig`, defined there once, every one a command-line flag)
+    plus the model, data and run fields below. Each recipe's ``Config`` subclass overrides
+    the defaults with its published values (SPEC-models.md, the official Spikformer
+    configs); ``Recipe.default_preset`` names the preset file that holds the same values."""
 
     # -- model
     model: str = ""  # registry name, see evformer.models.list_models()
@@ -45,46 +51,39 @@ class RecipeConfig:
     init: str | None = None  # initial weights (fine-tuning), loaded non-strictly
     # -- data
     data_root: str = "datasets"
+    # recipes read files: 4 loader processes per rank instead of the engine's 0
     num_workers: int = 4
-    # -- optimisation: AdamW, per-iteration cosine with warmup and cooldown
-    epochs: int = 300  # cosine epochs, warmup included
-    cooldown_epochs: int = 10  # extra epochs at min_lr
-    warmup_epochs: float = 20.0
-    batch_size: int = 128  # global, over all processes
-    eval_batch_size: int | None = None  # per process (default: batch_size / processes)
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
-    layer_decay: float | None = None
-    clip_grad: float | None = None
-    # -- regularisation
-    label_smoothing: float = 0.1
+    # -- Mixup/CutMix (built here, handed to the engine as a batch function)
     mixup: float = 0.0  # Mixup alpha (0: off)
     cutmix: float = 0.0  # CutMix alpha (0: off)
     mixup_prob: float = 1.0  # probability of mixing a batch
     mixup_switch_prob: float = 0.5  # CutMix instead of Mixup when both are on
-    mixup_off_epoch: int | None = None  # no mixing from this epoch on
-    # -- precision and devices
-    amp: bool | None = None  # None: on with CUDA, off on CPU
-    amp_dtype: str = "float16"
-    sync_bn: bool = False
-    find_unused_parameters: bool = False  # DDP: for models with parameters a step may skip
+    # -- devices and run
     device: str = "auto"  # auto, cpu, cuda, or cuda:<index>
-    # -- run
-    seed: int = 0
     out: str | None = None  # run directory (default runs/<recipe>/<time>)
     resume: str | None = None  # a last.pt to continue from (same run directory)
     eval_only: bool = False  # evaluate --checkpoint, no training
     checkpoint: str | None = None  # weights for --eval-only
     eval_t: tuple[int, ...] = ()  # also evaluate at these T after training (Table VI)
-    checkpoint_every: int = 0  # extra checkpoint every N steps (0: at epoch ends)
-    eval_every: int = 1
-    max_steps_per_epoch: int | None = None  # cap batches per epoch (smoke tests)
-    max_eval_batches: int | None = None
-    progress: bool = True
     demo: bool = False  # built-in data and a laptop-sized configuration
     preset: str | None = None  # YAML preset applied (recorded for the run directory)
+
+    def fit_config(self) -> FitConfig:
+        """The engine's part of this config, as handed to :func:`evformer.engine.fit`."""
+        return FitConfig(**{f.name: getattr(self, f.name) for f in fields(FitConfig)})
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise ValueError("no model given (--model)")
+        if self.T < 1:
+            raise ValueError(f"--T must be >= 1, got {self.T}")
+        if self.eval_only and not self.checkpoint:
+            raise ValueError("--eval-only needs --checkpoint PATH (weights to evaluate)")
+        if self.resume and self.eval_only:
+            raise ValueError("--resume and --eval-only exclude each other")
+        if any(t < 1 for t in self.eval_t):
+            raise ValueError(f"--eval-t values must be >= 1, got {self.eval_t}")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -108,6 +107,34 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
+def _is_tuple(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple or tp is tuple
+
+
+def _split_items(text: str) -> list[str]:
+    """``"1,2,4"``, ``"1 2 4"``, ``"1, 2, 4"`` -> ``["1", "2", "4"]``."""
+    return [s for s in re.split(r"[,\s]+", text) if s]
+
+
+def _tuple_length(tp: Any) -> int | None:
+    """How many items ``tp`` holds: ``tuple[X, Y]`` -> 2, ``tuple[X, ...]`` -> None (any)."""
+    args = typing.get_args(tp)
+    return None if not args or args[-1] is Ellipsis else len(args)
+
+
+def _tuple_items(tp: Any, name: str, items: Sequence[Any]) -> tuple:
+    """Check the number of ``items`` against ``tp`` and convert each to its element type."""
+    n = _tuple_length(tp)
+    if n is not None and len(items) != n:
+        raise ValueError(f"{name}: expected {n} values, got {len(items)} ({items!r})")
+    types_ = (
+        typing.get_args(tp) if n is not None else [(typing.get_args(tp) or (str,))[0]] * len(items)
+    )
+    return tuple(
+        int(v) if t is int else float(v) if t is float else str(v) for v, t in zip(items, types_)
+    )
+
+
 def _converter(tp: Any, name: str) -> Callable[[str], Any]:
     """A function turning a command-line string into a value of field type ``tp``."""
     base, optional = _unwrap_optional(tp)
@@ -116,6 +143,8 @@ def _converter(tp: Any, name: str) -> Callable[[str], Any]:
         if optional and text.strip().lower() in ("none", "null", ""):
             return None
         if base is bool:
+            if optional and text.strip().lower() == "auto":
+                return None
             return _parse_bool(text)
         if base is int:
             return int(text)
@@ -123,12 +152,6 @@ def _converter(tp: Any, name: str) -> Callable[[str], Any]:
             return float(text)
         if base is str:
             return text
-        if typing.get_origin(base) is tuple or base is tuple:
-            items = [s for s in text.replace(" ", "").split(",") if s]
-            inner = (typing.get_args(base) or (str,))[0]
-            return tuple(
-                int(s) if inner is int else float(s) if inner is float else s for s in items
-            )
         if base is dict or typing.get_origin(base) is dict:
             out = {}
             for item in filter(None, (s.strip() for s in text.split(","))):
@@ -174,11 +197,14 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError(f"{where}: expected a string, got {value!r}")
-    if typing.get_origin(base) is tuple or base is tuple:
-        if isinstance(value, (int, str)):
-            value = _converter(base, name)(str(value))
+    if _is_tuple(base):
+        if isinstance(value, (int, float, str)):
+            value = _split_items(str(value))
         if isinstance(value, (list, tuple)):
-            return tuple(value)
+            try:
+                return _tuple_items(base, where, list(value))
+            except ValueError as e:
+                raise ValueError(f"{where}: expected a list of {base}, got {value!r}") from e
         raise ValueError(f"{where}: expected a list, got {value!r}")
     if base is dict or typing.get_origin(base) is dict:
         if isinstance(value, dict):
@@ -233,7 +259,6 @@ def _field_comments(cls: type) -> dict[str, str]:
     """``name: type = default  # comment`` -> {name: comment}, from the class and its bases
     (the comments in the config classes double as ``--help`` text)."""
     import inspect
-    import re
 
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -248,8 +273,64 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
+class _TupleAction(argparse.Action):
+    """``--eval-t 1,2,4`` or ``--eval-t 1 2 4``; ``--betas 0.9 0.999`` (exactly two)."""
+
+    def __init__(self, *args: Any, field_type: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.field_type = field_type
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = [s for v in values for s in _split_items(v)]
+        try:
+            value = _tuple_items(self.field_type, option_string or self.dest, items)
+        except ValueError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        setattr(namespace, self.dest, value)
+
+
+def _add_flag(group, name: str, tp: Any, help_text: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    base, optional = _unwrap_optional(tp)
+    if base is bool and not optional:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif base is bool:  # --amp, --no-amp, --amp auto (None: decided at run time)
+        group.add_argument(
+            flag,
+            nargs="?",
+            const=True,
+            type=_converter(tp, name),
+            metavar="{true,false,auto}",
+            dest=name,
+            help=help_text,
+        )
+        group.add_argument(
+            "--no-" + flag[2:], action="store_const", const=False, dest=name, help="same as false"
+        )
+    elif _is_tuple(base):
+        n = _tuple_length(base)
+        group.add_argument(
+            flag,
+            nargs="*" if n is None else "+",
+            action=_TupleAction,
+            field_type=base,
+            metavar="N" if n is None else "X",
+            dest=name,
+            help=help_text if n is None else f"{n} values; {help_text}",
+        )
+    else:
+        if base is dict or typing.get_origin(base) is dict:
+            metavar = "KEY=VALUE,..."
+        else:
+            metavar = base.__name__.upper() + ("|none" if optional else "")
+        group.add_argument(
+            flag, type=_converter(tp, name), metavar=metavar, help=help_text, dest=name
+        )
+
+
 def build_parser(cls: type, *, prog: str, description: str) -> argparse.ArgumentParser:
-    """One ``--flag`` per config field (``--eval-t 1,2,4``, ``--amp/--no-amp``,
+    """One ``--flag`` per config field, the engine's :class:`FitConfig` fields included
+    (``--eval-t 1,2,4``, ``--betas 0.9 0.999``, ``--amp/--no-amp``, ``--plots/--no-plots``,
     ``--model-args depth=2,embed_dim=128``), defaults suppressed so only the flags actually
     given override the preset, plus ``--preset``/``--config``."""
     parser = argparse.ArgumentParser(
@@ -264,31 +345,19 @@ def build_parser(cls: type, *, prog: str, description: str) -> argparse.Argument
         dest="preset",
         help="YAML preset: a file, or a name from the top-level recipes/ folder",
     )
+    recipe_group = parser.add_argument_group("model, data and run")
+    fit_group = parser.add_argument_group("training (evformer.engine.FitConfig)")
+    fit_names = {f.name for f in fields(FitConfig)}
     hints = typing.get_type_hints(cls)
     defaults = cls()
     notes = _field_comments(cls)
     for f in fields(cls):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = hints[f.name]
         default = getattr(defaults, f.name)
         help_text = (notes.get(f.name, "") + f" (default: {default!r})").strip()
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        base, optional = _unwrap_optional(tp)
-        if typing.get_origin(base) is tuple or base is tuple:
-            metavar = "N,N,..."
-        elif base is dict or typing.get_origin(base) is dict:
-            metavar = "KEY=VALUE,..."
-        elif base is bool:
-            metavar = "{true,false,none}"
-        else:
-            metavar = base.__name__.upper() + ("|none" if optional else "")
-        parser.add_argument(
-            flag, type=_converter(tp, f.name), metavar=metavar, help=help_text, dest=f.name
-        )
+        group = fit_group if f.name in fit_names else recipe_group
+        _add_flag(group, f.name, hints[f.name], help_text)
     return parser
 
 
@@ -312,27 +381,17 @@ def parse_config(
         given["preset"] = str(path)
     values.update(given)
     cfg = cls(**values)
-    validate_config(cfg)
+    cfg.validate()
     return cfg
 
 
-def validate_config(cfg: RecipeConfig) -> None:
-    if not cfg.model:
-        raise ValueError("no model given (--model)")
-    if cfg.T < 1:
-        raise ValueError(f"--T must be >= 1, got {cfg.T}")
-    if cfg.eval_only and not cfg.checkpoint:
-        raise ValueError("--eval-only needs --checkpoint PATH (weights to evaluate)")
-    if cfg.resume and cfg.eval_only:
-        raise ValueError("--resume and --eval-only exclude each other")
-    if any(t < 1 for t in cfg.eval_t):
-        raise ValueError(f"--eval-t values must be >= 1, got {cfg.eval_t}")
-
-
 def config_dict(cfg: RecipeConfig, *, recipe: str) -> dict:
-    """Plain dict of the resolved config (YAML/JSON/checkpoint friendly)."""
+    """Plain dict of the resolved config (YAML/JSON/checkpoint friendly), loadable again as
+    a preset; the model, data and run fields first, then the engine's."""
     d = dataclasses.asdict(cfg)
-    return {"recipe": recipe, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+    fit_names = {f.name for f in fields(FitConfig)}
+    order = [k for k in d if k not in fit_names] + [k for k in d if k in fit_names]
+    return {"recipe": recipe, **{k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in order}}
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -357,6 +416,8 @@ class Recipe:
     ``build_data(cfg, train=bool)`` returns :class:`Data` (raises
     ``evformer.data.DatasetNotFoundError`` when the data is missing);
     ``build_test(cfg, T)`` the test set binned/encoded for ``T`` time steps.
+    ``default_preset`` names the file in ``recipes/`` that publishes the same values as
+    ``config_cls()`` (a test holds the two to each other, field by field).
     """
 
     name: str
@@ -365,6 +426,7 @@ class Recipe:
     build_data: Callable[..., Data]
     build_test: Callable[[RecipeConfig, int], Dataset]
     description: str
+    default_preset: str
 
 
 def _model_kwargs(cfg: RecipeConfig) -> dict:
@@ -417,37 +479,6 @@ def _default_run_dir(cfg: RecipeConfig, recipe: str) -> Path:
     return Path("runs") / f"{recipe}{'-demo' if cfg.demo else ''}" / stamp
 
 
-def _fit_config(cfg: RecipeConfig):
-    from evformer.engine import FitConfig
-
-    return FitConfig(
-        epochs=cfg.epochs,
-        cooldown_epochs=cfg.cooldown_epochs,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr,
-        warmup_epochs=cfg.warmup_epochs,
-        weight_decay=cfg.weight_decay,
-        layer_decay=cfg.layer_decay,
-        label_smoothing=cfg.label_smoothing,
-        mixup_off_epoch=cfg.mixup_off_epoch,
-        clip_grad=cfg.clip_grad,
-        amp=cfg.amp,
-        amp_dtype=cfg.amp_dtype,
-        sync_bn=cfg.sync_bn,
-        find_unused_parameters=cfg.find_unused_parameters,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-        checkpoint_every=cfg.checkpoint_every,
-        eval_every=cfg.eval_every,
-        max_steps_per_epoch=cfg.max_steps_per_epoch,
-        max_eval_batches=cfg.max_eval_batches,
-        progress=cfg.progress,
-    )
-
-
 def _mixup(cfg: RecipeConfig):
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
@@ -481,7 +512,8 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
             argv,
             recipe=recipe.name,
             demo=recipe.demo,
-            description=recipe.description,
+            description=f"{recipe.description}\n\nThe defaults are the published recipe, "
+            f"the values in recipes/{recipe.default_preset}.yaml.",
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -558,9 +590,9 @@ def _run(recipe: Recipe, cfg: RecipeConfig) -> int:
     if cfg.init and not cfg.resume:
         notes = load_weights(model, cfg.init, strict=False)
         _say(dist, f"initial weights from {cfg.init}{': ' + '; '.join(notes) if notes else ''}")
-    train_set = data.train
-    if data.train_transform is not None:
-        train_set = SeededTransformDataset(train_set, data.train_transform, seed=cfg.seed)
+    # Every random draw of sample i comes from (seed, epoch, i): train_transform's and the
+    # dataset's own event_transform's (evformer.data.seeding), so runs resume exactly.
+    train_set = SeededTransformDataset(data.train, data.train_transform, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     _say(
         dist,
@@ -573,7 +605,7 @@ def _run(recipe: Recipe, cfg: RecipeConfig) -> int:
             model,
             train_set=train_set,
             test_set=data.test,
-            config=_fit_config(cfg),
+            config=cfg.fit_config(),
             run_dir=run_dir,
             dist=dist,
             mixup=_mixup(cfg),

@@ -34,6 +34,7 @@ RECIPE = Recipe(
     build_data=build_static_data,
     build_test=build_static_test,
     description=__doc__.split("\n\n")[0],
+    default_preset="cifar100_4_384",
 )
 
 

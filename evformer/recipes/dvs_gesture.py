@@ -61,6 +61,7 @@ RECIPE = Recipe(
     build_data=build_event_data,
     build_test=build_event_test,
     description=__doc__.split("\n\n")[0],
+    default_preset="dvs_gesture_t16",
 )
 
 
