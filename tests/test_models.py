@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from evformer.kernels.fused import kv_first_is_cheaper, ssa_product
 from evformer.models import (
     SPS,
     Spikformer,
@@ -15,7 +16,6 @@ from evformer.models import (
     list_models,
     model_config,
 )
-from evformer.models.functional import kv_first_is_cheaper, ssa_product
 
 # "official used" parameter counts of SPEC-models.md (never-used official parameters
 # excluded) and the V2 counts the paper prints

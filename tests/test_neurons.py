@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from spikingjelly.activation_based import neuron as sj_neuron
 from spikingjelly.activation_based import surrogate as sj_surrogate
 
+from evformer.kernels import numba_lif as K
 from evformer.models import ATan, LIFNode, LIFParams, Sigmoid, reset_net, step_states
-from evformer.models import _cpu_kernels as K
 from evformer.models.layers import ConvBNLIF, LinearBNLIF
 
 
@@ -280,9 +280,8 @@ def test_triton_kernels_match_numpy_reference_in_interpreter_mode():
     code = textwrap.dedent(
         """
         import numpy as np, torch
-        from evformer.models import _triton_kernels as TK, _cpu_kernels as K
-        from evformer.models._kernels import LIFParams
-        from evformer.models.surrogate import Sigmoid, ATan
+        from evformer.kernels import triton_lif as TK, numba_lif as K
+        from evformer.kernels.types import LIFParams, Sigmoid, ATan
         rng = np.random.default_rng(0)
         for dt in (torch.float32, torch.float64):
             y = torch.from_numpy(2 * rng.normal(size=(3, 19, 37))).to(dt)

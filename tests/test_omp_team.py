@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from evformer.models import _omp_team
-from evformer.models._kernels import LIFParams, NumbaKernels
-from evformer.models.surrogate import ATan, Sigmoid
+from evformer.kernels import omp_team as _omp_team
+from evformer.kernels.cpu import NumbaKernels
+from evformer.kernels.types import ATan, LIFParams, Sigmoid
 
 
 def _torch_uses_openmp() -> bool:
@@ -132,7 +132,7 @@ def test_team_equals_prange_for_every_kernel(use_team, dtype, threads):
 
 def test_team_path_declines_inputs_it_cannot_read(use_team):
     # non-contiguous input, or per-channel vectors of another dtype: prange runs them
-    from evformer.models._kernels import _team_for
+    from evformer.kernels.omp_team import team_for as _team_for
 
     if not _torch_uses_openmp():
         pytest.skip("torch is not built on OpenMP here")

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evformer.models import _omp_team, functional
-from evformer.models._kernels import SPIKFORMER_LIF, NumbaKernels, SpikeRows
-from evformer.models.functional import SynapseSpec, synapse_bn_lif
+from evformer.kernels import fused as functional
+from evformer.kernels import omp_team as _omp_team
+from evformer.kernels.cpu import NumbaKernels
+from evformer.kernels.fused import SynapseSpec, synapse_bn_lif
+from evformer.kernels.types import SPIKFORMER_LIF, SpikeRows
 
 K = NumbaKernels
 

@@ -15,7 +15,7 @@ _LAZY: dict[str, str] = {
     "Sigmoid": "surrogate",
     "ATan": "surrogate",
     "get_surrogate": "surrogate",
-    "available_backends": "_kernels",
+    "available_backends": "neurons",
     # layers
     "ConvBNLIF": "layers",
     "LinearBNLIF": "layers",

@@ -5,7 +5,7 @@ Every layer is time first. Parameters live in standard ``nn.Conv2d`` / ``nn.Line
 ``nn.BatchNorm`` submodules (so state dicts are plain), and each unit runs either the
 reference path (those modules + :class:`~evformer.models.neurons.LIFNode`, plain autograd;
 ``backend="torch"`` and the single-step mode) or the fused, memory-lean path of
-:mod:`evformer.models.functional` (``backend="numba"`` on CPU, ``"triton"`` on CUDA).
+:mod:`evformer.kernels.fused` (``backend="numba"`` on CPU, ``"triton"`` on CUDA).
 Both compute the same function; tests hold them to each other.
 """
 
@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evformer.models import energy as _energy
-from evformer.models._kernels import SPIKFORMER_LIF, LIFParams, check_backend, resolve_backend
-from evformer.models.functional import (
+from evformer.kernels.fused import (
     SynapseSpec,
     iand,
     kv_first_is_cheaper,
@@ -28,6 +26,9 @@ from evformer.models.functional import (
     ssa_product,
     synapse_bn_lif,
 )
+from evformer.kernels.interface import check_backend, resolve_backend
+from evformer.kernels.types import SPIKFORMER_LIF, LIFParams
+from evformer.models import energy as _energy
 from evformer.models.neurons import LIFNode, in_step_mode
 
 __all__ = [

@@ -14,7 +14,7 @@ across the per-time-step calls of one forward pass and drops it afterwards.
 
 Backends: ``"torch"`` is the reference (a loop over T of differentiable torch ops);
 ``"numba"`` (CPU) and ``"triton"`` (CUDA) run a fused kernel that stores only the input and
-recomputes ``H`` in the backward pass (:mod:`evformer.models.functional`).
+recomputes ``H`` in the backward pass (:mod:`evformer.kernels.fused`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,19 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from evformer.models._kernels import LIFParams, check_backend, get_kernels, resolve_backend
+from evformer.kernels.fused import lif_fused
+from evformer.kernels.interface import available_backends, check_backend, resolve_backend
+from evformer.kernels.types import LIFParams
 from evformer.models.surrogate import Surrogate, get_surrogate, spike
 
-__all__ = ["LIFNode", "LIFParams", "lif_reference", "reset_net", "step_states"]
+__all__ = [
+    "LIFNode",
+    "LIFParams",
+    "available_backends",
+    "lif_reference",
+    "reset_net",
+    "step_states",
+]
 
 _STEP_STATES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "evformer_step_states", default=None
@@ -71,39 +80,6 @@ def lif_reference(
         v = h * (1 - s_reset) + params.v_reset * s_reset
         out.append(s)
     return torch.stack(out), v
-
-
-class _LIFFunction(torch.autograd.Function):
-    """Fused multi-step LIF over ``[T, R, C]``: saves the input only, recomputes ``H``."""
-
-    @staticmethod
-    def forward(ctx, x3: torch.Tensor, params: LIFParams, backend: str):
-        kernels = get_kernels(backend)
-        C = x3.shape[-1]
-        one = torch.ones(C, dtype=x3.dtype, device=x3.device)
-        zero = torch.zeros(C, dtype=x3.dtype, device=x3.device)
-        spikes, _ = kernels.bn_lif_forward(x3, one, zero, params, False)
-        ctx.save_for_backward(x3)
-        ctx.params, ctx.kernels = params, kernels
-        return spikes
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_s):
-        (x3,) = ctx.saved_tensors
-        C = x3.shape[-1]
-        one = torch.ones(C, dtype=x3.dtype, device=x3.device)
-        zero = torch.zeros(C, dtype=x3.dtype, device=x3.device)
-        gz, _, _ = ctx.kernels.bn_lif_backward(x3, one, zero, zero, grad_s.contiguous(), ctx.params)
-        return gz, None, None
-
-
-def lif_fused(x_seq: torch.Tensor, params: LIFParams, backend: str) -> torch.Tensor:
-    """Multi-step LIF through a fused kernel set (``backend`` "numba" or "triton")."""
-    T = x_seq.shape[0]
-    # a bare LIF has no channels: one "channel" and many rows tiles and parallelises best
-    x3 = x_seq.contiguous().view(T, -1, 1)
-    return _LIFFunction.apply(x3, params, backend).view(x_seq.shape)
 
 
 class LIFNode(nn.Module):

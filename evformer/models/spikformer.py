@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from evformer.kernels.interface import check_backend
+from evformer.kernels.types import LIFParams
 from evformer.models import energy as _energy
-from evformer.models._kernels import LIFParams, check_backend
 from evformer.models.layers import ATTENTIONS, RESIDUALS, SCS, SPS, EncoderBlock
 from evformer.models.neurons import step_states
 from evformer.models.surrogate import get_surrogate

@@ -1,4 +1,6 @@
-"""Memory-lean fused autograd functions for the Spikformer building blocks.
+"""Memory-lean fused autograd functions for the Spikformer building blocks: the LIF, the
+``conv|linear -> BatchNorm -> LIF [-> max-pool]`` unit, the spiking self-attention core and
+the IAND residual, each calling one kernel set (:mod:`evformer.kernels.interface`).
 
 Why: a plain autograd graph of ``conv -> BatchNorm -> LIF`` keeps, per element, the float
 spikes feeding the conv, the conv output for BatchNorm, and the membrane potential ``H`` of
@@ -11,7 +13,7 @@ every time step (12 bytes, more with max-pool indices). The functions here keep
 * uint8 spikes where a max-pool or an attention product needs them;
 
 and recompute BatchNorm's affine map and the LIF recurrence in the backward pass (one fused
-kernel pass, :mod:`evformer.models._cpu_kernels`). BatchNorm statistics and running-stat
+kernel pass, :mod:`evformer.kernels.numba_lif`). BatchNorm statistics and running-stat
 updates follow ``torch.nn.BatchNorm`` (batch statistics over T*B*positions in training,
 running statistics in eval). The gradient of a bias in front of a training-mode BatchNorm
 is computed in closed form (it is zero up to rounding; the reference path returns rounding
@@ -23,7 +25,7 @@ measurably faster than the BLAS gemm behind ``F.linear``); weight gradients use 
 Event-driven products (CPU): when a unit's input is spike counts and at most
 :func:`sparse_density_limit` of them are non-zero (:data:`SPARSE_MAX_DENSITY`, lower for
 layers with large weights), the forward product and the weight
-gradient run over the spikes only (:mod:`evformer.models._sparse_kernels`; the work scales
+gradient run over the spikes only (:mod:`evformer.kernels.numba_sparse`; the work scales
 with the spike count) and the input is kept for the backward pass by rows (CSR), which is
 smaller than uint8 at such densities. The input gradient stays a dense oneDNN product.
 
@@ -40,12 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evformer.models._kernels import LIFParams, SpikeRows, get_kernels
+from evformer.kernels.interface import get_kernels
+from evformer.kernels.types import LIFParams, SpikeRows
 
 __all__ = [
     "SPARSE_MAX_DENSITY",
     "SPARSE_WEIGHT_BYTES",
+    "SynapseSpec",
     "iand",
+    "lif_fused",
     "sparse_density_limit",
     "ssa_attention",
     "synapse_bn_lif",
@@ -87,6 +92,39 @@ def sparse_density_limit(weight: torch.Tensor) -> float:
     weights are larger than that."""
     nbytes = weight.numel() * weight.element_size()
     return SPARSE_MAX_DENSITY * min(1.0, SPARSE_WEIGHT_BYTES / max(nbytes, 1))
+
+
+class _LIFFunction(torch.autograd.Function):
+    """Fused multi-step LIF over ``[T, R, C]``: saves the input only, recomputes ``H``."""
+
+    @staticmethod
+    def forward(ctx, x3: torch.Tensor, params: LIFParams, backend: str):
+        kernels = get_kernels(backend)
+        C = x3.shape[-1]
+        one = torch.ones(C, dtype=x3.dtype, device=x3.device)
+        zero = torch.zeros(C, dtype=x3.dtype, device=x3.device)
+        spikes, _ = kernels.bn_lif_forward(x3, one, zero, params, False)
+        ctx.save_for_backward(x3)
+        ctx.params, ctx.kernels = params, kernels
+        return spikes
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s):
+        (x3,) = ctx.saved_tensors
+        C = x3.shape[-1]
+        one = torch.ones(C, dtype=x3.dtype, device=x3.device)
+        zero = torch.zeros(C, dtype=x3.dtype, device=x3.device)
+        gz, _, _ = ctx.kernels.bn_lif_backward(x3, one, zero, zero, grad_s.contiguous(), ctx.params)
+        return gz, None, None
+
+
+def lif_fused(x_seq: torch.Tensor, params: LIFParams, backend: str) -> torch.Tensor:
+    """Multi-step LIF through a fused kernel set (``backend`` "numba" or "triton")."""
+    T = x_seq.shape[0]
+    # a bare LIF has no channels: one "channel" and many rows tiles and parallelises best
+    x3 = x_seq.contiguous().view(T, -1, 1)
+    return _LIFFunction.apply(x3, params, backend).view(x_seq.shape)
 
 
 @dataclass
@@ -162,7 +200,7 @@ def _bn_forward(y2: torch.Tensor, bn, kernels):
 def _sparse_ok(kernels, x: torch.Tensor, cdt: torch.dtype) -> bool:
     """May this call run its products event-driven? (CPU kernels, no autocast narrowing.)"""
     return (
-        getattr(kernels, "sparse", False)
+        kernels.event_driven
         and SPARSE_MAX_DENSITY > 0
         and x.device.type == "cpu"
         and cdt == x.dtype

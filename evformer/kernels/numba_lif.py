@@ -31,7 +31,8 @@ import numpy as np
 from numba import carray, cfunc, get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from evformer.models._omp_team import address, next_chunk
+from evformer.kernels.blocks import FLOAT, ArgBlock
+from evformer.kernels.omp_team import address, next_chunk
 
 SIGMOID = 0
 ATAN = 1
@@ -152,10 +153,9 @@ def _expand(param, C, L):
 
 # Each parallel kernel below is a ``_*_chunk(i, nchunks, ...)`` function (the work of
 # chunk i: a contiguous range of rows, writing only its own outputs) run two ways with
-# identical results: the public ``prange`` loop, and a trampoline (``_*_team``, a C
-# callback) that torch's OpenMP team runs through :mod:`evformer.models._omp_team`. A
-# trampoline reads one int64 argument block: [0] the chunk counter the team's threads
-# draw from, [1] nchunks, then sizes, array addresses and float64 scalar bits.
+# identical results: the public ``prange`` loop, and a trampoline (a C callback) that
+# torch's OpenMP team runs through :mod:`evformer.kernels.omp_team`. A trampoline reads one
+# int64 argument block (:mod:`evformer.kernels.blocks`; declared at the trampolines).
 
 
 @njit(cache=True, error_model="numpy")
@@ -526,20 +526,54 @@ def unpack_uint8(x, out, nchunks):
 
 # ---- trampolines for torch's OpenMP team (one per kernel and float dtype)
 
-# Argument-block layouts (int64 slots; [0] chunk counter, [1] nchunks; "f" = float64 bits):
-_FWD = 16  # T R C y scale shift spikes packed prow pcol write_packed f:tau f:v_th f:v_reset
-_BWD = 19  # T R C y scale shift mean grad_s grad_z psum_g psum_gy kind detach f:tau f:v_th
-#            f:v_reset f:alpha
-_AFF = 11  # M C y gz mean a b d out
-_STA = 8  # M C y ref s1 s2
-_MPB = 14  # N H W C Ho Wo s g gin kernel stride pad
-_PCK = 6  # n x out bad
-_UPK = 5  # n x out
+# Argument blocks, declared once: the caller packs them by name (ArgBlock.pack checks every
+# slot), the trampolines below read them through the blocks' slot indices.
+FORWARD = ArgBlock(
+    "forward",
+    ints=("T", "R", "C", "prow", "pcol", "write_packed"),
+    arrays={"y": FLOAT, "scale": FLOAT, "shift": FLOAT, "spikes": FLOAT, "packed": np.uint8},
+    floats=("tau", "v_th", "v_reset"),
+)
+BACKWARD = ArgBlock(
+    "backward",
+    ints=("T", "R", "C", "kind", "detach_reset"),
+    arrays={
+        "y": FLOAT,
+        "scale": FLOAT,
+        "shift": FLOAT,
+        "mean": FLOAT,
+        "grad_s": FLOAT,
+        "grad_z": FLOAT,
+        "psum_g": np.float64,
+        "psum_gy": np.float64,
+    },
+    floats=("tau", "v_th", "v_reset", "alpha"),
+)
+AFFINE = ArgBlock(
+    "affine",
+    ints=("M", "C"),
+    arrays={"y": FLOAT, "gz": FLOAT, "mean": FLOAT, "a": FLOAT, "b": FLOAT, "d": FLOAT,
+            "out": FLOAT},
+)  # fmt: skip
+STATS = ArgBlock(
+    "stats",
+    ints=("M", "C"),
+    arrays={"y": FLOAT, "ref": np.float64, "s1": np.float64, "s2": np.float64},
+)
+MAXPOOL = ArgBlock(
+    "maxpool",
+    ints=("N", "H", "W", "C", "Ho", "Wo", "kernel", "stride", "pad"),
+    arrays={"s": np.uint8, "g": FLOAT, "gin": FLOAT},
+)
+PACK = ArgBlock("pack", ints=("n",), arrays={"x": FLOAT, "out": np.uint8, "bad": np.int64})
+UNPACK = ArgBlock("unpack", ints=("n",), arrays={"x": np.uint8, "out": FLOAT})
+BLOCKS = (FORWARD, BACKWARD, AFFINE, STATS, MAXPOOL, PACK, UNPACK)
 
 
 @cache
-def team_trampolines(dtype_name: str) -> dict:
-    """Addresses of the trampolines of every kernel for ``float32`` or ``float64`` arrays.
+def team_trampolines(dtype_name: str) -> dict[str, int]:
+    """Addresses of the trampolines of every kernel for ``float32`` or ``float64`` arrays,
+    keyed by the name of their :class:`~evformer.kernels.blocks.ArgBlock`.
 
     C callbacks, compiled on first use and cached on disk like the kernels (Numba keys a
     closure's cache entry on its captured values, so each dtype has its own entry).
@@ -550,60 +584,63 @@ def team_trampolines(dtype_name: str) -> dict:
     u8 = np.uint8
     sig = types.void(types.voidptr)
     opts = {"error_model": "numpy", "cache": True}
+    fw, bw, af, st, mp, pk, up = (blk.ix for blk in BLOCKS)
 
     @cfunc(sig, **opts)
     def forward(block):
-        a = carray(block, (_FWD,), i64)
-        fa = carray(block, (_FWD,), f64)
+        a = carray(block, (fw.n_slots,), i64)
+        fa = carray(block, (fw.n_slots,), f64)
         counter = carray(block, (1,), i64)
-        nch, T, R, C = a[1], a[2], a[3], a[4]
-        y = carray(address(a[5]), (T, R, C), dt)
-        sc = carray(address(a[6]), (C,), dt)
-        sh = carray(address(a[7]), (C,), dt)
-        sp = carray(address(a[8]), (T, R, C), dt)
-        pk = carray(address(a[9]), (a[10], a[11]), u8)
+        nch, T, R, C = a[fw.nchunks], a[fw.T], a[fw.R], a[fw.C]
+        y = carray(address(a[fw.y]), (T, R, C), dt)
+        sc = carray(address(a[fw.scale]), (C,), dt)
+        sh = carray(address(a[fw.shift]), (C,), dt)
+        sp = carray(address(a[fw.spikes]), (T, R, C), dt)
+        pkd = carray(address(a[fw.packed]), (a[fw.prow], a[fw.pcol]), u8)
+        tau, v_th, v_reset = dt(fa[fw.tau]), dt(fa[fw.v_th]), dt(fa[fw.v_reset])
         i = next_chunk(counter)
         while i < nch:
             _bn_lif_forward_chunk(
-                i, nch, y, sc, sh, dt(fa[13]), dt(fa[14]), dt(fa[15]), sp, pk, a[12] != 0
+                i, nch, y, sc, sh, tau, v_th, v_reset, sp, pkd, a[fw.write_packed] != 0
             )
             i = next_chunk(counter)
 
     @cfunc(sig, **opts)
     def backward(block):
-        a = carray(block, (_BWD,), i64)
-        fa = carray(block, (_BWD,), f64)
+        a = carray(block, (bw.n_slots,), i64)
+        fa = carray(block, (bw.n_slots,), f64)
         counter = carray(block, (1,), i64)
-        nch, T, R, C = a[1], a[2], a[3], a[4]
-        y = carray(address(a[5]), (T, R, C), dt)
-        sc = carray(address(a[6]), (C,), dt)
-        sh = carray(address(a[7]), (C,), dt)
-        mn = carray(address(a[8]), (C,), dt)
-        gs = carray(address(a[9]), (T, R, C), dt)
-        gz = carray(address(a[10]), (T, R, C), dt)
-        pg = carray(address(a[11]), (nch, C), f64)
-        pgy = carray(address(a[12]), (nch, C), f64)
-        tau, v_th, v_reset, alpha = dt(fa[15]), dt(fa[16]), dt(fa[17]), dt(fa[18])
+        nch, T, R, C = a[bw.nchunks], a[bw.T], a[bw.R], a[bw.C]
+        y = carray(address(a[bw.y]), (T, R, C), dt)
+        sc = carray(address(a[bw.scale]), (C,), dt)
+        sh = carray(address(a[bw.shift]), (C,), dt)
+        mn = carray(address(a[bw.mean]), (C,), dt)
+        gs = carray(address(a[bw.grad_s]), (T, R, C), dt)
+        gz = carray(address(a[bw.grad_z]), (T, R, C), dt)
+        pg = carray(address(a[bw.psum_g]), (nch, C), f64)
+        pgy = carray(address(a[bw.psum_gy]), (nch, C), f64)
+        tau, v_th = dt(fa[bw.tau]), dt(fa[bw.v_th])
+        v_reset, alpha = dt(fa[bw.v_reset]), dt(fa[bw.alpha])
+        kind, detach = a[bw.kind], a[bw.detach_reset] != 0
         i = next_chunk(counter)
         while i < nch:
             _bn_lif_backward_chunk(
-                i, nch, y, sc, sh, mn, gs, tau, v_th, v_reset, alpha, a[13], a[14] != 0,
-                gz, pg, pgy,
-            )  # fmt: skip
+                i, nch, y, sc, sh, mn, gs, tau, v_th, v_reset, alpha, kind, detach, gz, pg, pgy
+            )
             i = next_chunk(counter)
 
     @cfunc(sig, **opts)
     def affine(block):
-        a = carray(block, (_AFF,), i64)
+        a = carray(block, (af.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, M, C = a[1], a[2], a[3]
-        y = carray(address(a[4]), (M, C), dt)
-        gz = carray(address(a[5]), (M, C), dt)
-        mn = carray(address(a[6]), (C,), dt)
-        ca = carray(address(a[7]), (C,), dt)
-        cb = carray(address(a[8]), (C,), dt)
-        cd = carray(address(a[9]), (C,), dt)
-        out = carray(address(a[10]), (M, C), dt)
+        nch, M, C = a[af.nchunks], a[af.M], a[af.C]
+        y = carray(address(a[af.y]), (M, C), dt)
+        gz = carray(address(a[af.gz]), (M, C), dt)
+        mn = carray(address(a[af.mean]), (C,), dt)
+        ca = carray(address(a[af.a]), (C,), dt)
+        cb = carray(address(a[af.b]), (C,), dt)
+        cd = carray(address(a[af.d]), (C,), dt)
+        out = carray(address(a[af.out]), (M, C), dt)
         i = next_chunk(counter)
         while i < nch:
             _affine_backward_apply_chunk(i, nch, y, gz, mn, ca, cb, cd, out)
@@ -611,13 +648,13 @@ def team_trampolines(dtype_name: str) -> dict:
 
     @cfunc(sig, **opts)
     def stats(block):
-        a = carray(block, (_STA,), i64)
+        a = carray(block, (st.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, M, C = a[1], a[2], a[3]
-        y = carray(address(a[4]), (M, C), dt)
-        ref = carray(address(a[5]), (C,), f64)
-        s1 = carray(address(a[6]), (nch, C), f64)
-        s2 = carray(address(a[7]), (nch, C), f64)
+        nch, M, C = a[st.nchunks], a[st.M], a[st.C]
+        y = carray(address(a[st.y]), (M, C), dt)
+        ref = carray(address(a[st.ref]), (C,), f64)
+        s1 = carray(address(a[st.s1]), (nch, C), f64)
+        s2 = carray(address(a[st.s2]), (nch, C), f64)
         i = next_chunk(counter)
         while i < nch:
             _channel_stats_chunk(i, nch, y, ref, s1, s2)
@@ -625,25 +662,26 @@ def team_trampolines(dtype_name: str) -> dict:
 
     @cfunc(sig, **opts)
     def maxpool(block):
-        a = carray(block, (_MPB,), i64)
+        a = carray(block, (mp.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, N, H, W, C, Ho, Wo = a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-        s = carray(address(a[8]), (N, H, W, C), u8)
-        g = carray(address(a[9]), (N, Ho, Wo, C), dt)
-        gin = carray(address(a[10]), (N, H, W, C), dt)
+        nch, N, H, W, C = a[mp.nchunks], a[mp.N], a[mp.H], a[mp.W], a[mp.C]
+        Ho, Wo = a[mp.Ho], a[mp.Wo]
+        s = carray(address(a[mp.s]), (N, H, W, C), u8)
+        g = carray(address(a[mp.g]), (N, Ho, Wo, C), dt)
+        gin = carray(address(a[mp.gin]), (N, H, W, C), dt)
         i = next_chunk(counter)
         while i < nch:
-            _maxpool_backward_chunk(i, nch, s, g, gin, a[11], a[12], a[13])
+            _maxpool_backward_chunk(i, nch, s, g, gin, a[mp.kernel], a[mp.stride], a[mp.pad])
             i = next_chunk(counter)
 
     @cfunc(sig, **opts)
     def pack(block):
-        a = carray(block, (_PCK,), i64)
+        a = carray(block, (pk.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, n = a[1], a[2]
-        x = carray(address(a[3]), (n,), dt)
-        out = carray(address(a[4]), (n,), u8)
-        bad = carray(address(a[5]), (nch,), i64)
+        nch, n = a[pk.nchunks], a[pk.n]
+        x = carray(address(a[pk.x]), (n,), dt)
+        out = carray(address(a[pk.out]), (n,), u8)
+        bad = carray(address(a[pk.bad]), (nch,), i64)
         i = next_chunk(counter)
         while i < nch:
             _pack_uint8_chunk(i, nch, x, out, bad)
@@ -651,25 +689,18 @@ def team_trampolines(dtype_name: str) -> dict:
 
     @cfunc(sig, **opts)
     def unpack(block):
-        a = carray(block, (_UPK,), i64)
+        a = carray(block, (up.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, n = a[1], a[2]
-        x = carray(address(a[3]), (n,), u8)
-        out = carray(address(a[4]), (n,), dt)
+        nch, n = a[up.nchunks], a[up.n]
+        x = carray(address(a[up.x]), (n,), u8)
+        out = carray(address(a[up.out]), (n,), dt)
         i = next_chunk(counter)
         while i < nch:
             _unpack_uint8_chunk(i, nch, x, out)
             i = next_chunk(counter)
 
-    return {
-        "forward": forward.address,
-        "backward": backward.address,
-        "affine": affine.address,
-        "stats": stats.address,
-        "maxpool": maxpool.address,
-        "pack": pack.address,
-        "unpack": unpack.address,
-    }
+    trampolines = (forward, backward, affine, stats, maxpool, pack, unpack)
+    return {blk.name: t.address for blk, t in zip(BLOCKS, trampolines, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ them on the threads that are spinning anyway: no competition, no wake-up.
 
 How: a kernel is split into ``chunk(i, nchunks, ...)`` functions (Numba) and a trampoline
 compiled as a C callback (``numba.cfunc``) that decodes one int64 argument block --
-array addresses, sizes, scalars as float64 bits -- and takes chunk indices from an atomic
-counter in that block until none is left; ``GOMP_parallel(trampoline, block, threads, 0)``
+array addresses, sizes, scalars as float64 bits, declared once per kernel
+(:mod:`evformer.kernels.blocks`) -- and takes chunk indices from an atomic counter in that
+block until none is left; ``GOMP_parallel(trampoline, block, threads, 0)``
 runs it on every thread of the team, the calling thread included. Results do not depend
 on which thread runs which chunk (each chunk writes only its own rows).
 
@@ -27,11 +28,12 @@ import os
 from functools import lru_cache
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["Team", "team", "address", "next_chunk"]
+__all__ = ["Team", "address", "next_chunk", "team", "team_for"]
 
 _LIB_NAMES = ("libgomp", "libiomp5", "libomp")
 
@@ -73,8 +75,6 @@ class Team:
 
     def run(self, trampoline_address: int, block: np.ndarray) -> None:
         """Run the trampoline on torch's current number of threads (the GIL is released)."""
-        import torch
-
         if block.dtype != np.int64 or not block.flags.c_contiguous:
             raise ValueError("the argument block must be a C-contiguous int64 array")
         self._parallel(trampoline_address, block.ctypes.data, torch.get_num_threads(), 0)
@@ -88,8 +88,6 @@ def _loaded_openmp_libraries() -> list[str]:
     except OSError:
         return []
     found = [p for p in paths if os.path.basename(p).startswith(_LIB_NAMES)]
-    import torch
-
     torch_dir = os.path.dirname(torch.__file__)
     return sorted(found, key=lambda p: (not p.startswith(torch_dir), p))
 
@@ -99,8 +97,6 @@ def team() -> Team | None:
     """torch's OpenMP team, or None where it cannot be used (then kernels use ``prange``)."""
     if os.environ.get("EVFORMER_OMP_TEAM", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    import torch
-
     if "OpenMP" not in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]:
         return None
     noload = getattr(os, "RTLD_NOLOAD", 0)
@@ -113,3 +109,16 @@ def team() -> Team | None:
             continue
         return Team(lib, path)
     return None
+
+
+def team_for(dtype: torch.dtype, *tensors: torch.Tensor) -> Team | None:
+    """torch's OpenMP team when it can run a kernel on ``tensors`` (all C-contiguous, the
+    floating ones all of ``dtype``, float32 or float64: the trampolines read raw memory),
+    else None: the kernel then runs as a Numba ``prange`` loop."""
+    t = team()
+    if t is None or dtype not in (torch.float32, torch.float64):
+        return None
+    for x in tensors:
+        if not x.is_contiguous() or (x.is_floating_point() and x.dtype != dtype):
+            return None
+    return t

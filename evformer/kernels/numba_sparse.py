@@ -18,9 +18,9 @@ rounding.
 
 Parallel work is split into ``_*_chunk(i, nchunks, ...)`` functions that run either as Numba
 ``prange`` loops or on torch's OpenMP team through trampolines, like
-:mod:`evformer.models._cpu_kernels` (same block conventions: [0] chunk counter,
-[1] nchunks). A chunk writes only its own outputs; the weight gradient gives each chunk its
-own slot of partial sums (``gw_slots [nchunks, KH, KW, Cin, Cout]``), summed by the caller,
+:mod:`evformer.kernels.numba_lif` (argument blocks: :mod:`evformer.kernels.blocks`). A chunk
+writes only its own outputs; the weight gradient gives each chunk its own slot of partial
+sums (``gw_slots [nchunks, KH, KW, Cin, Cout]``), summed by the caller,
 so results never depend on which thread ran which chunk.
 """
 
@@ -31,8 +31,9 @@ from functools import cache
 import numpy as np
 from numba import carray, cfunc, njit, prange, types
 
-from evformer.models._cpu_kernels import _chunk
-from evformer.models._omp_team import address, next_chunk
+from evformer.kernels.blocks import FLOAT, ArgBlock
+from evformer.kernels.numba_lif import _chunk
+from evformer.kernels.omp_team import address, next_chunk
 
 __all__ = [
     "scan_counts",
@@ -256,54 +257,62 @@ def sparse_conv_weight_grad(indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw,
 
 # ---- trampolines for torch's OpenMP team
 
-# Argument-block layouts (int64 slots after [0] chunk counter and [1] nchunks):
-_SCN = 8  # M C x packed counts flags
-_FIL = 10  # M C packed indptr nnz idx vals want_vals
-_SFW = 24  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary wr bias has_bias sh sw ph
-#            pw out
-_SWG = 22  # N H W Cin Cout KH KW Ho Wo indptr nnz idx vals binary gy sh sw ph pw gw_slots
+# Argument blocks, declared once (see :mod:`evformer.kernels.blocks`); the two conv blocks
+# share the sizes, the spike rows and ``binary``, read by _conv_block_args.
+_CONV_SLOTS = ("N", "H", "W", "Cin", "Cout", "KH", "KW", "Ho", "Wo", "nnz", "binary")
+_ROWS = {"indptr": np.int64, "idx": np.int32, "vals": np.uint8}
+SCAN = ArgBlock(
+    "scan",
+    ints=("M", "C"),
+    arrays={"x": FLOAT, "packed": np.uint8, "counts": np.int64, "flags": np.int64},
+)
+FILL = ArgBlock("fill", ints=("M", "C", "nnz", "want_vals"), arrays={"packed": np.uint8, **_ROWS})
+CONV_FORWARD = ArgBlock(
+    "conv_forward",
+    ints=(*_CONV_SLOTS, "has_bias", "sh", "sw", "ph", "pw"),
+    arrays={**_ROWS, "wr": FLOAT, "bias": FLOAT, "out": FLOAT},
+)
+CONV_WEIGHT_GRAD = ArgBlock(
+    "conv_weight_grad",
+    ints=(*_CONV_SLOTS, "sh", "sw", "ph", "pw"),
+    arrays={**_ROWS, "gy": FLOAT, "gw_slots": FLOAT},
+)
+BLOCKS = (SCAN, FILL, CONV_FORWARD, CONV_WEIGHT_GRAD)
 
 
 @njit(cache=True)
-def _conv_block_args(a):
-    """The slots the conv trampolines share (2-15): sizes, the spike rows and ``binary``."""
-    N, H, W, Cin, Cout, KH, KW, Ho, Wo, nnz = (
-        a[2],
-        a[3],
-        a[4],
-        a[5],
-        a[6],
-        a[7],
-        a[8],
-        a[9],
-        a[10],
-        a[12],
-    )
-    indptr = carray(address(a[11]), (N * H * W + 1,), np.int64)
-    idx = carray(address(a[13]), (max(nnz, 1),), np.int32)
-    vals = carray(address(a[14]), (max(nnz, 1),), np.uint8)
-    return N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, a[15] != 0
+def _conv_block_args(a, ix):
+    """The slots both conv blocks have (``ix``: the block's slot indices): sizes, the spike
+    rows and ``binary``."""
+    N, H, W, Cin, Cout = a[ix.N], a[ix.H], a[ix.W], a[ix.Cin], a[ix.Cout]
+    KH, KW, Ho, Wo, nnz = a[ix.KH], a[ix.KW], a[ix.Ho], a[ix.Wo], a[ix.nnz]
+    indptr = carray(address(a[ix.indptr]), (N * H * W + 1,), np.int64)
+    idx = carray(address(a[ix.idx]), (max(nnz, 1),), np.int32)
+    vals = carray(address(a[ix.vals]), (max(nnz, 1),), np.uint8)
+    return N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, a[ix.binary] != 0
 
 
 @cache
-def team_trampolines(dtype_name: str) -> dict:
-    """Addresses of the trampolines of every kernel here for ``float32`` / ``float64``."""
+def team_trampolines(dtype_name: str) -> dict[str, int]:
+    """Addresses of the trampolines of every kernel here for ``float32`` / ``float64``,
+    keyed by the name of their :class:`~evformer.kernels.blocks.ArgBlock`."""
     dt = getattr(np, dtype_name)
     i64 = np.int64
     i32 = np.int32
     u8 = np.uint8
     sig = types.void(types.voidptr)
     opts = {"error_model": "numpy", "cache": True}
+    sc, fl, cf, cw = (blk.ix for blk in BLOCKS)
 
     @cfunc(sig, **opts)
     def scan(block):
-        a = carray(block, (_SCN,), i64)
+        a = carray(block, (sc.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, M, C = a[1], a[2], a[3]
-        x = carray(address(a[4]), (M, C), dt)
-        packed = carray(address(a[5]), (M, C), u8)
-        counts = carray(address(a[6]), (M,), i64)
-        flags = carray(address(a[7]), (nch, 2), i64)
+        nch, M, C = a[sc.nchunks], a[sc.M], a[sc.C]
+        x = carray(address(a[sc.x]), (M, C), dt)
+        packed = carray(address(a[sc.packed]), (M, C), u8)
+        counts = carray(address(a[sc.counts]), (M,), i64)
+        flags = carray(address(a[sc.flags]), (nch, 2), i64)
         i = next_chunk(counter)
         while i < nch:
             _scan_counts_chunk(i, nch, x, packed, counts, flags)
@@ -311,54 +320,51 @@ def team_trampolines(dtype_name: str) -> dict:
 
     @cfunc(sig, **opts)
     def fill(block):
-        a = carray(block, (_FIL,), i64)
+        a = carray(block, (fl.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        nch, M, C, nnz = a[1], a[2], a[3], a[6]
-        packed = carray(address(a[4]), (M, C), u8)
-        indptr = carray(address(a[5]), (M + 1,), i64)
-        idx = carray(address(a[7]), (max(nnz, 1),), i32)
-        vals = carray(address(a[8]), (max(nnz, 1),), u8)
+        nch, M, C, nnz = a[fl.nchunks], a[fl.M], a[fl.C], a[fl.nnz]
+        packed = carray(address(a[fl.packed]), (M, C), u8)
+        indptr = carray(address(a[fl.indptr]), (M + 1,), i64)
+        idx = carray(address(a[fl.idx]), (max(nnz, 1),), i32)
+        vals = carray(address(a[fl.vals]), (max(nnz, 1),), u8)
+        want_vals = a[fl.want_vals] != 0
         i = next_chunk(counter)
         while i < nch:
-            _fill_rows_chunk(i, nch, packed, indptr, idx, vals, a[9] != 0)
+            _fill_rows_chunk(i, nch, packed, indptr, idx, vals, want_vals)
             i = next_chunk(counter)
 
     @cfunc(sig, **opts)
     def conv_forward(block):
-        a = carray(block, (_SFW,), i64)
+        a = carray(block, (cf.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a)
-        nch = a[1]
-        wr = carray(address(a[16]), (KH, KW, Cin, Cout), dt)
-        bias = carray(address(a[17]), (Cout,), dt)
-        out = carray(address(a[23]), (N, Ho, Wo, Cout), dt)
+        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a, cf)
+        nch = a[cf.nchunks]
+        wr = carray(address(a[cf.wr]), (KH, KW, Cin, Cout), dt)
+        bias = carray(address(a[cf.bias]), (Cout,), dt)
+        out = carray(address(a[cf.out]), (N, Ho, Wo, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
             _sparse_conv_forward_chunk(
-                i, nch, indptr, idx, vals, binary, H, W, wr, bias, a[18] != 0,
-                a[19], a[20], a[21], a[22], out,
+                i, nch, indptr, idx, vals, binary, H, W, wr, bias, a[cf.has_bias] != 0,
+                a[cf.sh], a[cf.sw], a[cf.ph], a[cf.pw], out,
             )  # fmt: skip
             i = next_chunk(counter)
 
     @cfunc(sig, **opts)
     def conv_weight_grad(block):
-        a = carray(block, (_SWG,), i64)
+        a = carray(block, (cw.n_slots,), i64)
         counter = carray(block, (1,), i64)
-        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a)
-        nch = a[1]
-        gy = carray(address(a[16]), (N, Ho, Wo, Cout), dt)
-        gw_slots = carray(address(a[21]), (nch, KH, KW, Cin, Cout), dt)
+        N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, binary = _conv_block_args(a, cw)
+        nch = a[cw.nchunks]
+        gy = carray(address(a[cw.gy]), (N, Ho, Wo, Cout), dt)
+        gw_slots = carray(address(a[cw.gw_slots]), (nch, KH, KW, Cin, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
             _sparse_conv_weight_grad_chunk(
-                i, nch, indptr, idx, vals, binary, H, W, gy, a[17], a[18], a[19],
-                a[20], gw_slots,
+                i, nch, indptr, idx, vals, binary, H, W, gy, a[cw.sh], a[cw.sw], a[cw.ph],
+                a[cw.pw], gw_slots,
             )  # fmt: skip
             i = next_chunk(counter)
 
-    return {
-        "scan": scan.address,
-        "fill": fill.address,
-        "conv_forward": conv_forward.address,
-        "conv_weight_grad": conv_weight_grad.address,
-    }
+    trampolines = (scan, fill, conv_forward, conv_weight_grad)
+    return {blk.name: t.address for blk, t in zip(BLOCKS, trampolines, strict=True)}

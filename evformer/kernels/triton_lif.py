@@ -1,4 +1,4 @@
-"""Triton (CUDA) versions of the two LIF passes of :mod:`evformer.models._cpu_kernels`.
+"""Triton (CUDA) versions of the two LIF passes of :mod:`evformer.kernels.numba_lif`.
 
 Same math, same ``[T, R, C]`` layout. One program owns a ``BLOCK_R x BLOCK_C`` tile of rows x
 channels and walks time sequentially. The backward pass parks the recomputed ``H[t]`` in the
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from evformer.models._kernels import LIFParams
+from evformer.kernels.types import LIFParams
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def _blocks(R: int, C: int) -> tuple[int, int, tuple[int, int]]:
 
 
 def bn_lif_forward(y3: torch.Tensor, scale, shift, p: LIFParams, want_packed: bool):
-    """Triton twin of :func:`evformer.models._cpu_kernels.bn_lif_forward`."""
+    """Triton twin of :func:`evformer.kernels.numba_lif.bn_lif_forward`."""
     T, R, C = y3.shape
     y3 = y3.contiguous()
     spikes = torch.empty_like(y3)
@@ -158,7 +158,7 @@ def bn_lif_forward(y3: torch.Tensor, scale, shift, p: LIFParams, want_packed: bo
 
 
 def bn_lif_backward(y3: torch.Tensor, scale, shift, mean, gs3, p: LIFParams):
-    """Triton twin of :func:`evformer.models._cpu_kernels.bn_lif_backward`; returns
+    """Triton twin of :func:`evformer.kernels.numba_lif.bn_lif_backward`; returns
     ``(grad_z, sum_g, sum_gy)`` with the sums in float64."""
     T, R, C = y3.shape
     y3 = y3.contiguous()
