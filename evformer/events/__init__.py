@@ -13,6 +13,7 @@ from evformer.events.core import EVENT_DTYPE, FIELDS, Columns, columns, from_col
 _LAZY = {
     # aedat.py
     "AedatError": "aedat",
+    "UnsortedEventsWarning": "aedat",
     "read_aedat": "aedat",
     "read_aedat31": "aedat",
     "read_aedat2": "aedat",

@@ -20,27 +20,42 @@ With ``on_unsorted="sort"`` (default) a stream whose timestamps ever decrease is
 stably sorted by ``t`` (events with equal ``t`` keep their file order; no event
 is dropped); with ``on_unsorted="raise"`` the reader raises ``AedatError`` at the
 first event whose timestamp is smaller than its predecessor's.
+Real DVS recordings are monotonic apart from the counter wrap (unwrapped here)
+and small back-steps between USB packets. A sort that moves any event further
+than ``UNSORTED_JITTER_US`` is repairing corruption (one flipped high bit throws
+an event 2**k µs away, and the sort then stretches a 2 s sample to 36 min), so
+the reader warns (``UnsortedEventsWarning``, with the count and the largest
+displacement) instead of sorting silently. An event's displacement is measured
+against a longest time-ordered subsequence of the file (the events the sort
+leaves in relative order): how far its timestamp lies outside the interval
+spanned by its kept neighbours; the events outside that subsequence are the
+ones the sort moves.
 
 Writers produce real files of either format (used by tests and benchmarks) and
-write atomically: a temporary file in the target directory, then ``os.replace``.
+write atomically (``evformer._atomic``: a temporary file in the target directory,
+fsync, rename).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 
+from evformer._atomic import atomic_write_bytes
 from evformer.events.core import EVENT_DTYPE, columns, empty_events, sort_events
 
 __all__ = [
     "AedatError",
+    "UnsortedEventsWarning",
+    "UNSORTED_JITTER_US",
     "read_aedat",
     "read_aedat31",
     "read_aedat2",
@@ -69,6 +84,12 @@ _IMU6_TYPE = 3
 _IMU6_SIZE = 36
 
 _UNSORTED_POLICIES = ("sort", "raise")
+
+# Plausible timestamp jitter (µs): the largest displacement the "sort" policy repairs
+# silently. DVS128 recordings step back by well under a millisecond between USB
+# packets; 5 ms leaves a wide margin, while a flipped timestamp bit of weight
+# 2**13 µs (8 ms) or more is reported.
+UNSORTED_JITTER_US = 5_000
 _BACKENDS = ("numba", "numpy")
 
 # Error codes shared by the Numba kernels and the NumPy reference; one place
@@ -106,6 +127,38 @@ class AedatError(ValueError):
     def __reduce__(self):
         # DataLoader workers pickle exceptions; rebuild from the three fields.
         return (type(self), (self.path, self.offset, self.reason))
+
+
+class UnsortedEventsWarning(UserWarning):
+    """Sorting a file's events moved some further than ``UNSORTED_JITTER_US`` µs.
+
+    ``path`` is the file, ``n_events`` how many events lie more than the jitter
+    bound out of place, ``max_displacement_us`` the largest displacement and
+    ``event_index`` that event's position among the file's polarity events.
+    The stream is still returned sorted with every event: turn the warning into
+    an error (``warnings.simplefilter("error", UnsortedEventsWarning)``) or read
+    with ``on_unsorted="raise"`` to refuse such files.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, n_events: int, max_displacement_us: int, event_index: int
+    ):
+        self.path = str(path)
+        self.n_events = int(n_events)
+        self.max_displacement_us = int(max_displacement_us)
+        self.event_index = int(event_index)
+        s = "" if self.n_events == 1 else "s"
+        super().__init__(
+            f"{self.path}: timestamps out of order by more than the plausible jitter of "
+            f"{UNSORTED_JITTER_US} µs: sorting moved {self.n_events} event{s} that far, the "
+            f"furthest (event {self.event_index} in file order) by "
+            f"{self.max_displacement_us} µs; the file is probably corrupt (e.g. a flipped "
+            f"timestamp bit). The events are returned sorted; pass on_unsorted='raise' to "
+            f"refuse such files"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.n_events, self.max_displacement_us, self.event_index))
 
 
 # --------------------------------------------------------------------------- headers
@@ -288,7 +341,92 @@ def _check_options(on_unsorted: str, backend: str) -> None:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
-def _finish(events: np.ndarray, unsorted_offset: int, path, on_unsorted: str) -> np.ndarray:
+@njit(cache=True)
+def _longest_sorted_nb(t):
+    """Mask of a longest non-decreasing subsequence of ``t`` [N] (patience sorting, O(N log N)).
+
+    ``tails[L]`` is the index of the smallest last element of a subsequence of length
+    L + 1 found so far; ``prev`` links each element to its predecessor.
+    """
+    n = t.shape[0]
+    keep = np.zeros(n, dtype=np.bool_)
+    if n == 0:
+        return keep
+    tails = np.empty(n, dtype=np.int64)
+    prev = np.empty(n, dtype=np.int64)
+    length = 0
+    for i in range(n):
+        lo = 0
+        hi = length
+        while lo < hi:  # first length whose tail is > t[i] (bisect_right)
+            mid = (lo + hi) // 2
+            if t[tails[mid]] <= t[i]:
+                lo = mid + 1
+            else:
+                hi = mid
+        prev[i] = tails[lo - 1] if lo > 0 else -1
+        tails[lo] = i
+        if lo == length:
+            length += 1
+    k = tails[length - 1]
+    while k >= 0:
+        keep[k] = True
+        k = prev[k]
+    return keep
+
+
+def _longest_sorted_reference(t: np.ndarray) -> np.ndarray:
+    """Plain-Python reference of ``_longest_sorted_nb`` (same algorithm, same choice)."""
+    tail_values: list[int] = []
+    tails: list[int] = []
+    prev = [-1] * len(t)
+    for i, v in enumerate(t.tolist()):
+        lo = bisect_right(tail_values, v)
+        prev[i] = tails[lo - 1] if lo > 0 else -1
+        if lo == len(tails):
+            tails.append(i)
+            tail_values.append(v)
+        else:
+            tails[lo] = i
+            tail_values[lo] = v
+    keep = np.zeros(len(t), dtype=bool)
+    k = tails[-1] if tails else -1
+    while k >= 0:
+        keep[k] = True
+        k = prev[k]
+    return keep
+
+
+def _displaced(t: np.ndarray, backend: str) -> tuple[int, int, int]:
+    """How far sorting ``t`` [N] (µs, file order) moves events in time.
+
+    Returns (number of events displaced by more than ``UNSORTED_JITTER_US``, the
+    largest displacement in µs, its index), or (0, 0, -1) when no event lies more
+    than the bound behind an earlier one. The sort keeps a longest non-decreasing
+    subsequence in relative order and moves the rest; a moved event's displacement
+    is how far its ``t`` lies outside ``[previous kept t, next kept t]``.
+    """
+    if t.shape[0] < 2:
+        return 0, 0, -1
+    # Fast path, O(N): no displacement exceeds the largest lag behind the running
+    # maximum, so a stream with only small back-steps needs no subsequence.
+    if int((np.maximum.accumulate(t) - t).max()) <= UNSORTED_JITTER_US:
+        return 0, 0, -1
+    t = np.ascontiguousarray(t, dtype=np.int64)
+    keep = (_longest_sorted_nb if backend == "numba" else _longest_sorted_reference)(t)
+    kept_t = t[keep]
+    before = np.cumsum(keep) - keep  # kept events before each position
+    lo = np.where(before > 0, kept_t[np.maximum(before - 1, 0)], t)  # previous kept t
+    after = np.minimum(before, kept_t.size - 1)  # next kept t (a kept event's own)
+    hi = np.where(before < kept_t.size, kept_t[after], t)
+    disp = np.maximum(lo - t, t - hi)
+    i = int(np.argmax(disp))
+    return int(np.count_nonzero(disp > UNSORTED_JITTER_US)), int(disp[i]), i
+
+
+def _finish(
+    events: np.ndarray, unsorted_offset: int, path, on_unsorted: str, backend: str
+) -> np.ndarray:
     if unsorted_offset < 0:
         return events
     if on_unsorted == "raise":
@@ -298,6 +436,10 @@ def _finish(events: np.ndarray, unsorted_offset: int, path, on_unsorted: str) ->
             "event timestamp is smaller than the previous event's (the stream is not "
             "time ordered); pass on_unsorted='sort' to sort it stably",
         )
+    n, largest, index = _displaced(events["t"], backend)
+    if n:
+        # stacklevel: _finish <- read_aedat31/read_aedat2 <- the caller
+        warnings.warn(UnsortedEventsWarning(path, n, largest, index), stacklevel=3)
     return sort_events(events)
 
 
@@ -537,7 +679,9 @@ def read_aedat31(
     events without the valid bit are dropped. ``eventValid`` is not trusted.
 
     ``on_unsorted``: ``"sort"`` (default) stably sorts a stream whose timestamps
-    ever decrease; ``"raise"`` raises ``AedatError`` at the first such event.
+    ever decrease, warning (``UnsortedEventsWarning``) when that moves events by
+    more than ``UNSORTED_JITTER_US``; ``"raise"`` raises ``AedatError`` at the
+    first such event.
     ``backend``: ``"numba"`` (fast) or ``"numpy"`` (the reference implementation).
 
     Raises ``AedatError`` for: a missing/other-version header, an unterminated
@@ -553,7 +697,7 @@ def read_aedat31(
     start, lines = _header31(buf, path)
     reader = _read31_numba if backend == "numba" else _read31_numpy
     events, unsorted = reader(buf, start, path, _sources(lines))
-    return _finish(events, unsorted, path, on_unsorted)
+    return _finish(events, unsorted, path, on_unsorted, backend)
 
 
 # --------------------------------------------------------------------------- AEDAT 2.0
@@ -666,8 +810,9 @@ def read_aedat2(
     Timestamps: the 32-bit counter is read unsigned (as spikingjelly and tonic
     do) and unwrapped: a backward step of more than 2**31 µs (~36 min) can only
     be a counter wrap, so 2**32 is added from there on. Smaller backward steps
-    are disorder, handled by ``on_unsorted`` (``"sort"``: stable sort, default;
-    ``"raise"``: ``AedatError`` at the first such record).
+    are disorder, handled by ``on_unsorted`` (``"sort"``: stable sort, default,
+    with an ``UnsortedEventsWarning`` when that moves events by more than
+    ``UNSORTED_JITTER_US``; ``"raise"``: ``AedatError`` at the first such record).
 
     Addresses with bit 15 set are the DVS128's external-input (special) events,
     e.g. sync pulses: they have no pixel and are skipped, as jAER does (and as
@@ -693,7 +838,7 @@ def read_aedat2(
         _raise_code(path, _E_TRUNC_RECORD, start + 8 * n_records, tail, 0)
     reader = _read2_numba if backend == "numba" else _read2_numpy
     events, unsorted = reader(buf, start, n_records, path)
-    return _finish(events, unsorted, path, on_unsorted)
+    return _finish(events, unsorted, path, on_unsorted, backend)
 
 
 def read_aedat(
@@ -715,22 +860,6 @@ def read_aedat(
 
 
 # --------------------------------------------------------------------------- writers
-
-
-def _atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> Path:
-    """Write ``chunks`` to ``path`` via a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _start_time_line(start_time: datetime | None) -> str:
@@ -854,7 +983,7 @@ def write_aedat31(
                 )
                 yield flat[8 * s : 8 * e].data
 
-    return _atomic_write(path, chunks())
+    return atomic_write_bytes(path, chunks())
 
 
 def _extra_packet(i: int, t: int) -> bytes:
@@ -907,4 +1036,4 @@ def write_aedat2(
         )
         + "\r\n"
     ).encode("ascii")
-    return _atomic_write(path, [header, rec.reshape(-1).view(np.uint8).data])
+    return atomic_write_bytes(path, [header, rec.reshape(-1).view(np.uint8).data])

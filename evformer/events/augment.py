@@ -7,8 +7,11 @@ Functions that need the sensor take ``sensor_size=(height, width)`` (default
 128 x 128) -- note that tonic's ``sensor_size`` is ``(W, H, P)``, a different order.
 
 Randomness comes only from the ``rng: np.random.Generator`` argument, so a result is a
-function of (input, parameters, generator state). Inside a torch DataLoader, get a
-per-worker generator from ``evformer.data.transforms.worker_rng()``.
+function of (input, parameters, generator state). As a dataset's ``event_transform`` in
+training, ``rng`` is the sample's own generator of (seed, epoch, index)
+(``evformer.data.seeding.sample_generators``, handed out by
+``evformer.engine.SeededTransformDataset``): resumable and the same with any number of
+DataLoader workers. Elsewhere, ``evformer.data.seeding.worker_rng()`` gives one per process.
 
 Two layers, tonic style:
 
@@ -25,7 +28,16 @@ Deliberate differences from tonic 1.7 (each documented at the function):
   so a stream that does not start at 0 often loses nothing);
 - ``denoise`` and ``refractory_period`` start with "no event seen yet" (tonic's initial
   memory keeps every event of the first ``filter_time`` µs and drops a first event at t = 0);
-- ``refractory_period`` measures the dead time from the last *kept* event;
+- ``refractory_period`` measures the dead time from the last *kept* event, and keeps an
+  event exactly ``period`` µs after it (tonic keeps only gaps larger than the period);
+- ``RefractoryPeriod((low, high))`` draws an integer period from [low, high], ``high``
+  included, from the generator (tonic's ``int(low + (high - low) * random())`` never
+  draws ``high``);
+- ``time_reversal`` maps ``t`` to ``t_first + t_last - t``, keeping the stream's time
+  range (tonic's ``max(t) - t`` moves it to ``[0, t_last - t_first]``);
+- ``downsample`` takes integer divisors and keeps µs: ``x // f``, ``t`` quantised to
+  multiples of ``time_factor`` (tonic multiplies by float factors and truncates, and
+  ``time_factor=0.001`` silently changes the unit to ms);
 - random crops and boxes can touch the last row/column (tonic's draws never reach it);
 - nothing modifies the input in place (tonic's functional ``spatial_jitter`` does).
 
@@ -195,6 +207,23 @@ def _check_int(value, name: str, fn: str, *, minimum: int = 0, unit: str = "") -
     if not ok:
         raise ValueError(f"{fn}: {name} must be an integer >= {minimum}{unit}, got {value!r}")
     return int(value)
+
+
+def _check_int_or_range(value, name: str, fn: str, *, unit: str = "") -> int | tuple[int, int]:
+    """An integer >= 0, or a range ``(low, high)`` of integers with 0 <= low <= high."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{fn}: {name} range must be (low, high), got {value!r}")
+        lo = _check_int(value[0], f"{name}[0]", fn, unit=unit)
+        return lo, _check_int(value[1], f"{name}[1]", fn, minimum=lo, unit=unit)
+    return _check_int(value, name, fn, unit=unit)
+
+
+def _draw_int(value: int | tuple[int, int], rng: np.random.Generator) -> int:
+    """A scalar stays as is; a range (lo, hi) is sampled uniformly from [lo, hi], both included."""
+    if isinstance(value, tuple):
+        return int(rng.integers(value[0], value[1], endpoint=True))
+    return value
 
 
 def _check_size(size: int | Sequence[int], name: str, fn: str) -> tuple[int, int]:
@@ -578,10 +607,11 @@ def flip_polarity(
 def time_reversal(events: np.ndarray, *, flip_polarities: bool = True) -> np.ndarray:
     """Play the stream backwards: ``t' = t_first + t_last - t``, order reversed (still sorted).
 
-    The time range ``[t_first, t_last]`` is preserved (tonic maps to ``[0, t_last]``,
-    shifting streams that do not start at 0). Polarities are swapped by default, as
-    tonic does, because a brightness increase played backwards is a decrease: the
-    reversed stream is then what the camera would have seen on the reversed scene.
+    The time range ``[t_first, t_last]`` is preserved (tonic's ``max(t) - t`` maps it
+    to ``[0, t_last - t_first]``, shifting streams that do not start at 0). Polarities
+    are swapped by default, as tonic does, because a brightness increase played
+    backwards is a decrease: the reversed stream is then what the camera would have
+    seen on the reversed scene.
     Events with equal times come out in reverse of their input order (an exact reversal).
     """
     fn = "time_reversal"
@@ -683,7 +713,8 @@ def refractory_period(
     a sensor's refractory period does: dropped events do not extend it (tonic updates
     the memory on dropped events too, so a pixel firing faster than 1/period stays
     silent forever after its first event, and tonic also drops a first event at t = 0).
-    An event exactly ``period`` µs later is kept, so ``period=0`` keeps everything.
+    An event exactly ``period`` µs later is kept, so ``period=0`` keeps everything (tonic
+    keeps only gaps larger than the period).
     Input must be sorted and on the sensor; output keeps the input order.
     """
     fn = "refractory_period"
@@ -730,12 +761,16 @@ def center_crop(
     *,
     sensor_size: tuple[int, int] = DEFAULT_SENSOR_SIZE,
 ) -> np.ndarray:
-    """Crop the central ``size=(height, width)`` box; offsets ``(sensor - size) // 2`` (tonic)."""
+    """Crop the central ``size=(height, width)`` box; offsets ``(sensor - size) // 2`` (tonic).
+
+    Along an axis where ``size`` exceeds the sensor the crop pads instead, as tonic
+    does: the offset is negative, so events keep their place shifted by
+    ``ceil((size - sensor) / 2)`` pixels, and no event is added or dropped there.
+    """
     fn = "center_crop"
     h, w = _check_size(size, "size", fn)
     sh, sw = _check_sensor(sensor_size, fn)
-    if h > sh or w > sw:
-        raise ValueError(f"{fn}: size {(h, w)} is larger than sensor_size {(sh, sw)}")
+    # floor division: a larger crop gets the negative offset -ceil(pad / 2), as in tonic
     return crop(events, top=(sh - h) // 2, left=(sw - w) // 2, height=h, width=w)
 
 
@@ -984,23 +1019,12 @@ class UniformNoise(EventTransform):
     sensor_size: tuple[int, int] = DEFAULT_SENSOR_SIZE
 
     def __post_init__(self):
-        n = self.n
-        if isinstance(n, (tuple, list)):
-            if len(n) != 2:
-                raise ValueError(f"UniformNoise: n range must be (low, high), got {n!r}")
-            lo = _check_int(n[0], "n[0]", "UniformNoise")
-            hi = _check_int(n[1], "n[1]", "UniformNoise", minimum=lo)
-            _freeze(self, "n", (lo, hi))
-        else:
-            _freeze(self, "n", _check_int(n, "n", "UniformNoise"))
+        _freeze(self, "n", _check_int_or_range(self.n, "n", "UniformNoise"))
         _norm_sensor(self, "UniformNoise")
 
     def __call__(self, events, rng=None):
         rng = _check_rng(rng, "UniformNoise")
-        n = self.n
-        if isinstance(n, tuple):
-            n = int(rng.integers(n[0], n[1], endpoint=True))
-        return uniform_noise(events, n, rng, sensor_size=self.sensor_size)
+        return uniform_noise(events, _draw_int(self.n, rng), rng, sensor_size=self.sensor_size)
 
 
 @dataclass(frozen=True)
@@ -1026,22 +1050,32 @@ class Denoise(EventTransform):
 
 @dataclass(frozen=True)
 class RefractoryPeriod(EventTransform):
-    """``refractory_period``: per-pixel dead time of ``period`` µs (deterministic)."""
+    """``refractory_period``: per-pixel dead time of ``period`` µs, or a range drawn per call.
 
-    period: int = 1000
+    ``period=(low, high)`` (tonic's ``delta`` range) draws an integer period uniformly
+    from [low, high], both ends included, from ``rng`` on every call (tonic's
+    ``int(low + (high - low) * random())`` never draws ``high`` and uses the global
+    RNG). A single period is deterministic and needs no generator.
+    """
+
+    period: int | tuple[int, int] = 1000
     sensor_size: tuple[int, int] = DEFAULT_SENSOR_SIZE
 
     def __post_init__(self):
-        _freeze(self, "period", _check_int(self.period, "period", "RefractoryPeriod"))
+        period = _check_int_or_range(self.period, "period", "RefractoryPeriod", unit=" (µs)")
+        _freeze(self, "period", period)
         _norm_sensor(self, "RefractoryPeriod")
 
     def __call__(self, events, rng=None):
-        return refractory_period(events, period=self.period, sensor_size=self.sensor_size)
+        period = self.period
+        if isinstance(period, tuple):
+            period = _draw_int(period, _check_rng(rng, "RefractoryPeriod"))
+        return refractory_period(events, period=period, sensor_size=self.sensor_size)
 
 
 @dataclass(frozen=True)
 class CenterCrop(EventTransform):
-    """``center_crop`` to ``size=(height, width)`` (deterministic)."""
+    """``center_crop`` to ``size=(height, width)`` (deterministic); a larger size pads."""
 
     size: int | tuple[int, int] = 64
     sensor_size: tuple[int, int] = DEFAULT_SENSOR_SIZE
@@ -1049,8 +1083,6 @@ class CenterCrop(EventTransform):
     def __post_init__(self):
         _freeze(self, "size", _check_size(self.size, "size", "CenterCrop"))
         _norm_sensor(self, "CenterCrop")
-        if self.size[0] > self.sensor_size[0] or self.size[1] > self.sensor_size[1]:
-            raise ValueError(f"CenterCrop: size {self.size} exceeds sensor_size {self.sensor_size}")
 
     def __call__(self, events, rng=None):
         return center_crop(events, self.size, sensor_size=self.sensor_size)

@@ -83,6 +83,9 @@ Differences from tonic 1.7 ``ToFrame`` (deliberate; each one a tonic bug or haza
    (tonic accepts floats); ``start_time``/``end_time`` are not offered (slice the
    stream first); the frame size is always given (tonic can infer it from the largest
    ``x``/``y`` of each sample, which breaks batching); always two polarity channels.
+9. ``include_incomplete=True`` with ``n_frames`` (or ``duration``) raises ``ValueError``:
+   it only means something for ``time_window`` and ``event_count``, and tonic ignores
+   it silently in the bin-count modes.
 
 Differences from spikingjelly 2.0 ``integrate_events_by_fixed_frames_number``: counts
 are int32, not float64; ``'time'`` returns empty frames where spikingjelly raises
