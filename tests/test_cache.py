@@ -22,13 +22,13 @@ from evformer.data.cache import (
     CACHE_FORMAT_VERSION,
     CachePreparationError,
     EventCache,
-    EventFrameDataset,
     cache_is_current,
     ensure_event_cache,
     fingerprint,
     prepare_event_cache,
 )
-from evformer.data.transforms import seed_worker
+from evformer.data.event_dataset import EventFrameDataset
+from evformer.data.seeding import seed_worker
 from evformer.events import from_columns
 
 # ----------------------------------------------------------------- picklable loaders

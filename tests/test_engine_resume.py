@@ -4,7 +4,8 @@ with bit-identical weights and the same metrics as an uninterrupted run.
 The training script runs in subprocesses so the kill is a real one. It exercises everything
 that carries state across steps: a shuffled sampler, per-sample augmentation with loader
 workers, Mixup with its generator (switched off mid-run), dropout (global torch RNG),
-BatchNorm buffers, AdamW moments, the per-iteration schedule and gradient clipping.
+BatchNorm buffers, AdamW moments, the per-iteration schedule and gradient clipping; with an
+event dataset, also event-level augmentation (each sample's NumPy generator).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+from evformer.events import from_columns
 
 SCRIPT = textwrap.dedent(
     """
@@ -29,6 +34,7 @@ SCRIPT = textwrap.dedent(
 
     torch.set_num_threads(1)
     run_dir, workers, kill_at, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    events = sys.argv[5] if len(sys.argv) > 5 else ""  # an event cache: train on it
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(84, 2, 6, 6, generator=g)
@@ -63,16 +69,33 @@ SCRIPT = textwrap.dedent(
         checkpoint_every=4, progress=False, plots=False, tensorboard=False,
     )
     train = SeededTransformDataset(TensorDataset(x, y), augment, seed=11)
+    if events:
+        from evformer.data import EventCache, EventFrameDataset
+        from evformer.events import Compose, DropEvent, RandomFlipLR
+
+        ev_aug = Compose((DropEvent((0.1, 0.6)), RandomFlipLR(sensor_size=(6, 6))))
+        frames = EventFrameDataset(EventCache(events), n_frames=1, event_transform=ev_aug)
+        # [1, 2, 6, 6] frames -> [2, 6, 6], then the frame-level augmentation
+        train = SeededTransformDataset(frames, lambda f, gen: augment(f[0], gen), seed=11)
     fit(model, train_set=train, test_set=TensorDataset(x[:30], y[:30]), config=cfg,
         run_dir=run_dir, mixup=mixup, on_step=on_step, resume=resume or None)
     """
 )
 
 
-def _run(script: Path, run_dir: Path, *, workers: int, kill_at: int = -1, resume: str = ""):
+def _run(
+    script: Path,
+    run_dir: Path,
+    *,
+    workers: int,
+    kill_at: int = -1,
+    resume: str = "",
+    events: Path | None = None,
+):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [str(run_dir), str(workers), str(kill_at), resume, *([str(events)] if events else [])]
     return subprocess.run(
-        [sys.executable, str(script), str(run_dir), str(workers), str(kill_at), resume],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -113,3 +136,45 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert _metrics(full) == _metrics(killed)  # same losses and accuracies, each epoch once
     assert [r["mixup"] for r in _metrics(full)] == [True, True, False, False]
+
+
+def _event_cache(path: Path) -> Path:
+    """84 samples of random events on a 6 x 6 sensor; label = the busier third of the rows."""
+    from evformer.data import prepare_event_cache
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(84):
+        n = int(rng.integers(40, 120))
+        t, x, y = np.sort(rng.integers(0, 10_000, n)), rng.integers(0, 6, n), rng.integers(0, 6, n)
+        samples.append(
+            (from_columns(t, x, y, rng.integers(0, 2, n)), int(np.bincount(y // 2).argmax()))
+        )
+    prepare_event_cache(
+        path, [0], lambda _: samples, fingerprint="resume", meta={}, sensor_size=(6, 6),
+        num_workers=0, progress=False,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.slow  # five training subprocesses
+def test_killed_run_with_event_augmentation_resumes_to_identical_weights(tmp_path):
+    """Event-level augmentation draws from each sample's (seed, epoch, index) generator,
+    so a killed and resumed run redoes it exactly, with 0 or 2 loader workers."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    events = _event_cache(tmp_path / "events.h5")
+    ref = _run(script, tmp_path / "full", workers=0, events=events)
+    assert ref.returncode == 0, ref.stderr
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    for workers in (0, 2):
+        killed = tmp_path / f"killed{workers}"
+        dead = _run(script, killed, workers=workers, kill_at=11, events=events)
+        assert dead.returncode == -signal.SIGKILL, dead.stderr
+        again = _run(script, killed, workers=workers, resume=str(killed / "last.pt"), events=events)
+        assert again.returncode == 0, again.stderr
+        b = torch.load(killed / "last.pt", weights_only=True)
+        assert a["step"] == b["step"] == 4 * 7
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (workers, key)
+        assert _metrics(tmp_path / "full") == _metrics(killed)

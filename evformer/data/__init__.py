@@ -10,13 +10,21 @@ _LAZY: dict[str, str] = {
     "CACHE_FORMAT_VERSION": "cache",
     "CachePreparationError": "cache",
     "EventCache": "cache",
-    "EventFrameDataset": "cache",
     "FrameCache": "cache",
     "PrepareReport": "cache",
     "cache_is_current": "cache",
     "ensure_event_cache": "cache",
+    "ensure_frame_cache": "cache",
     "fingerprint": "cache",
     "prepare_event_cache": "cache",
+    # event_dataset.py
+    "EventFrameDataset": "event_dataset",
+    "RecordingDataset": "event_dataset",
+    # seeding.py
+    "sample_generators": "seeding",
+    "worker_generator": "seeding",
+    "worker_rng": "seeding",
+    "seed_worker": "seeding",
     # neuromorphic.py
     "DatasetNotFoundError": "neuromorphic",
     "DVSGesture": "neuromorphic",
@@ -36,9 +44,6 @@ _LAZY: dict[str, str] = {
     "imagenet_train_transform": "static",
     "imagenet_eval_transform": "static",
     # transforms.py
-    "worker_generator": "transforms",
-    "worker_rng": "transforms",
-    "seed_worker": "transforms",
     "hflip": "transforms",
     "roll": "transforms",
     "translate": "transforms",

@@ -1,4 +1,4 @@
-"""Prepared-once event caches (HDF5) and the dataset base every event dataset builds on.
+"""Prepared-once event caches (HDF5): fingerprints, preparation, and the readers.
 
 Preparation parses every raw recording once, in parallel processes, and writes
 ONE HDF5 file per split:
@@ -11,11 +11,14 @@ ONE HDF5 file per split:
   every parameter that shaped the samples), ``meta`` (JSON), ``bad`` (JSON list
   of skipped sources and why) and ``complete``.
 
-The file is written under a temporary name in the same folder and renamed
-into place only when complete, so an interrupted run never leaves a file that
-looks finished; a cache whose format version or fingerprint differs from
-the current one is rebuilt, never trusted.  Reading one sample is one slice
+The file is written under a temporary name in the same folder and renamed into
+place only when complete (``evformer._atomic.atomic_path``), so an interrupted run
+never leaves a file that looks finished; a cache whose format version or fingerprint
+differs from the current one is rebuilt, never trusted. Reading one sample is one slice
 per column; each process (DataLoader worker) opens its own file handle.
+
+Binned frames can be cached the same way (``ensure_frame_cache``, ``FrameCache``). The
+dataset base built on these files is ``evformer.data.event_dataset``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,21 +38,20 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
+from evformer._atomic import atomic_path, remove_stale_temps
 from evformer.events.core import EVENT_DTYPE, FIELDS, from_columns, is_sorted
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "CachePreparationError",
     "EventCache",
-    "EventFrameDataset",
     "FrameCache",
     "PrepareReport",
     "cache_is_current",
     "default_num_workers",
     "ensure_event_cache",
+    "ensure_frame_cache",
     "fingerprint",
     "prepare_event_cache",
 ]
@@ -350,45 +351,6 @@ def _checked_columns(
     return out
 
 
-def _temp_path(path: Path) -> Path:
-    # Same folder (os.replace is atomic only within one file system); the pid lets a
-    # later run tell a dead run's leftovers from a live one's; matches `*.h5.tmp*`.
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files of ``path`` left by processes that no longer run."""
-    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
-        try:
-            pid = int(tmp.name[len(path.name) + 5 :].split("-")[0])
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        except PermissionError:
-            pass  # alive, owned by someone else
-
-
-def _fsync_and_replace(tmp: Path, path: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable where possible
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def prepare_event_cache(
     path: str | os.PathLike,
     sources: Sequence[Any],
@@ -425,7 +387,8 @@ def prepare_event_cache(
 
     ``fingerprint`` (see ``fingerprint()``) and ``meta`` (JSON-serialisable) are stored
     in the file; ``cache_is_current(path, fingerprint)`` later says whether it is reusable.
-    The file appears at ``path`` only once complete (temporary file + ``os.replace``).
+    The file appears at ``path`` only once complete (``evformer._atomic.atomic_path``:
+    temporary file, fsync, rename).
     """
     path = Path(path)
     t0 = time.perf_counter()
@@ -433,17 +396,15 @@ def prepare_event_cache(
     meta_json = json.dumps(dict(meta), sort_keys=True)  # fail before any work if not JSON
     nw = default_num_workers() if num_workers is None else int(num_workers)
     names = [_source_name(s) for s in sources]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
     bad: list[tuple[str, str]] = []
     offsets = [0]
     labels: list[int] = []
     src_index: list[int] = []
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
+    # The runner starts its processes before the output file is opened (see _OrderedRunner).
+    with _OrderedRunner(load, sources, nw, mp_context) as runner, atomic_path(path) as tmp:
         with (
-            _OrderedRunner(load, sources, nw, mp_context) as runner,
             h5py.File(tmp, "w", libver=("earliest", "v110")) as f,
             tqdm(total=len(sources), desc=desc, unit="file", disable=not progress) as bar,
         ):
@@ -501,10 +462,6 @@ def prepare_event_cache(
             f.attrs["n_events"] = offsets[-1]
             # Set last: a file lacking it (or False) is never taken as finished.
             f.attrs["complete"] = True
-        _fsync_and_replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     if bad:
         warnings.warn(
             f"{path.name}: skipped {len(bad)} unreadable source(s) of {len(sources)}: "
@@ -598,7 +555,7 @@ def ensure_event_cache(
     if not cache_is_current(path, fingerprint):
         with _build_lock(path):
             if not cache_is_current(path, fingerprint):
-                _remove_stale_temps(path)
+                remove_stale_temps(path)
                 prepare_event_cache(
                     path, sources, load, fingerprint=fingerprint, meta=meta, **prepare_kwargs
                 )
@@ -741,18 +698,6 @@ class EventCache(_LazyH5):
 # --------------------------------------------------------------------------- frames
 
 
-def _resize_coords(x: np.ndarray, size_in: int, size_out: int) -> np.ndarray:
-    """Map pixel coordinates of a ``size_in`` axis onto a ``size_out`` axis.
-
-    ``floor(x * size_out / size_in)`` in integer arithmetic: every target pixel sums
-    the events of the source pixels that land on it (for an integer factor this is
-    exactly sum pooling of the full-resolution count frames).
-    """
-    if size_in == size_out:
-        return x
-    return ((x.astype(np.int32) * size_out) // size_in).astype(np.int16)
-
-
 class FrameCache(_LazyH5):
     """Read side of a cached-frames file: ``frames`` [N, T, 2, H, W] unsigned counts."""
 
@@ -785,242 +730,62 @@ def _frame_cache_current(path: Path, key_json: str) -> bool:
         return False
 
 
-# --------------------------------------------------------------------------- dataset base
+def ensure_frame_cache(
+    path: str | os.PathLike,
+    key: Mapping[str, Any],
+    shape: tuple[int, ...],
+    frames: Callable[[int, int], np.ndarray],
+    *,
+    desc: str = "frames",
+    progress: bool = True,
+) -> FrameCache:
+    """Return the ``FrameCache`` at ``path``, writing it first unless it holds ``key``.
 
-
-class EventFrameDataset(Dataset):
-    """Base of every event dataset: sample ``i`` -> ``(frames, label)``.
-
-    ``frames`` is a float32 tensor [T, 2, H, W] of event counts (channel 0 = OFF,
-    1 = ON; T = ``n_frames``) binned by ``evformer.events.to_frames`` with
-    ``split_by`` ``"number"`` (equal event counts per frame, spikingjelly's rule)
-    or ``"time"`` (equal durations). Per sample, in order:
-
-    1. read the events from the cache, then ``orient_events`` (subclass hook, e.g.
-       CIFAR10-DVS orientation);
-    2. ``event_transform(events, rng)`` if given: a callable on the structured event
-       array and a ``np.random.Generator`` returning events (augmentation);
-    3. ``resize`` (an int or (height, width)) maps coordinates onto the smaller grid,
-       so each output pixel sums its source pixels (128 -> 64 = 2x2 sum pooling);
-    4. bin, convert to float32, then ``transform(frames)`` if given (frame transforms).
-
-    ``cache_frames=True`` stores the result of steps 1-4 (without ``transform``) once,
-    in a second HDF5 file next to the event cache whose name and attributes carry the
-    binning parameters, so changing any of them builds a new file; counts are stored
-    exactly (uint16, or uint32 when a pixel exceeds 65535). It cannot be combined
-    with an ``event_transform`` (random per epoch).
-
-    Randomness: ``event_transform`` gets ``evformer.data.transforms.worker_rng()`` and
-    ``transform`` is called as ``transform(frames)``, so evformer's frame transforms draw
-    from ``worker_generator()``: one generator per process, distinct in every DataLoader
-    worker and epoch, reproducible when the DataLoader is given a seeded ``generator``
-    (and, in the main process, after ``torch.manual_seed``).
+    ``shape`` is ``[N, T, 2, H, W]``; ``frames(a, b)`` returns the integer counts of samples
+    ``a .. b - 1`` (called for consecutive blocks of ``_FRAME_BATCH``). Counts are stored
+    exactly as uint16, or uint32 when one exceeds 65535. ``key`` (JSON) is stored in the file
+    and must match for the file to be reused. Written like the event cache: under a lock,
+    atomically, ``complete`` set last.
     """
+    path = Path(path)
+    key_json = json.dumps(dict(key), sort_keys=True)
+    if not _frame_cache_current(path, key_json):
+        with _build_lock(path):
+            if not _frame_cache_current(path, key_json):
+                remove_stale_temps(path)
+                try:
+                    _write_frame_cache(path, key_json, shape, frames, np.uint16, desc, progress)
+                except OverflowError:
+                    _write_frame_cache(path, key_json, shape, frames, np.uint32, desc, progress)
+    return FrameCache(path)
 
-    #: (height, width) of the sensor; subclasses set it, else taken from the cache
-    sensor_size: tuple[int, int] | None = None
-    #: class names, index = label
-    classes: tuple[str, ...] = ()
 
-    def __init__(
-        self,
-        cache: EventCache,
-        *,
-        n_frames: int = 16,
-        split_by: str = "number",
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        event_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        resize: int | tuple[int, int] | None = None,
-        cache_frames: bool = False,
-        progress: bool = True,
-    ) -> None:
-        if not isinstance(n_frames, (int, np.integer)) or n_frames < 1:
-            raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
-        if split_by not in ("number", "time"):
-            raise ValueError(f"split_by must be 'number' or 'time', got {split_by!r}")
-        if cache_frames and event_transform is not None:
-            raise ValueError(
-                "cache_frames=True stores fixed frames, but event_transform is random per "
-                "sample: use one or the other (frame `transform`s work with cached frames)"
-            )
-        self.cache = cache
-        size = self.sensor_size or cache.sensor_size
-        if size is None:
-            raise ValueError(
-                f"{type(self).__name__}: sensor size unknown; set the class attribute "
-                "sensor_size or prepare the cache with sensor_size=(height, width)"
-            )
-        self.sensor_size = (int(size[0]), int(size[1]))
-        if resize is None:
-            out = self.sensor_size
-        elif isinstance(resize, (int, np.integer)):
-            out = (int(resize), int(resize))
-        else:
-            out = (int(resize[0]), int(resize[1]))
-        if not (0 < out[0] <= self.sensor_size[0] and 0 < out[1] <= self.sensor_size[1]):
-            raise ValueError(
-                f"resize must give a size between 1 and the sensor size {self.sensor_size}, "
-                f"got {resize!r}"
-            )
-        self.frame_size = out
-        self.n_frames = int(n_frames)
-        self.split_by = split_by
-        self.transform = transform
-        self.event_transform = event_transform
-        self._frames: FrameCache | None = None
-        if cache_frames:
-            self._frames = self._ensure_frame_cache(progress=progress)
+def _write_frame_cache(
+    path: Path,
+    key_json: str,
+    shape: tuple[int, ...],
+    frames: Callable[[int, int], np.ndarray],
+    dtype: type,
+    desc: str,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
 
-    # -- overridable hooks -------------------------------------------------------
-
-    def orient_events(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Map stored (sensor) events to the dataset's output orientation (identity here)."""
-        return cols
-
-    def frame_key(self) -> dict[str, Any]:
-        """Everything that determines a sample's frames (keys the frame cache)."""
-        return {
-            "events": self.cache.fingerprint,
-            "format_version": CACHE_FORMAT_VERSION,
-            "n_frames": self.n_frames,
-            "split_by": self.split_by,
-            "sensor_size": list(self.sensor_size),
-            "frame_size": list(self.frame_size),
-            "dataset": type(self).__name__,
-        }
-
-    # -- public API ----------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """int64 [N]: the label of every sample (no data is read)."""
-        return self.cache.labels
-
-    @property
-    def targets(self) -> list[int]:
-        """Labels as a list (the torchvision attribute name, used by samplers)."""
-        return self.cache.labels.tolist()
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """Sources skipped at preparation (``skip_bad=True``): (source name, reason)."""
-        return list(self.cache.bad)
-
-    def events(self, i: int) -> np.ndarray:
-        """Events of sample ``i`` in the output orientation (before augmentation/resize)."""
-        c = self.orient_events(self.cache.columns(i))
-        return from_columns(c["t"], c["x"], c["y"], c["p"])
-
-    def frames_numpy(self, i: int) -> np.ndarray:
-        """Integer counts [T, 2, H, W] of sample ``i`` (no frame ``transform``)."""
-        from evformer.data.transforms import worker_rng
-
-        if self._frames is not None:
-            return self._frames.frames(i)
-        cols = self.orient_events(self.cache.columns(i))
-        if self.event_transform is not None:
-            ev = from_columns(cols["t"], cols["x"], cols["y"], cols["p"])
-            ev = self.event_transform(ev, worker_rng())
-            cols = {f: ev[f] for f in FIELDS}
-        return self._bin(cols)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        frames = torch.from_numpy(np.asarray(self.frames_numpy(i), dtype=np.float32))
-        if self.transform is not None:
-            frames = self.transform(frames)
-        return frames, int(self.cache.labels[i])
-
-    # -- internals -----------------------------------------------------------------
-
-    def _resized(self, cols: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        h, w = self.sensor_size
-        oh, ow = self.frame_size
-        if (oh, ow) == (h, w):
-            return cols
-        return {
-            "t": cols["t"],
-            "x": _resize_coords(cols["x"], w, ow),
-            "y": _resize_coords(cols["y"], h, oh),
-            "p": cols["p"],
-        }
-
-    def _bin(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
-        from evformer.events import to_frames
-
-        oh, ow = self.frame_size
-        return to_frames(
-            self._resized(cols), n_frames=self.n_frames, split_by=self.split_by, height=oh, width=ow
+    n = shape[0]
+    limit = np.iinfo(dtype).max
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
+        f.attrs["complete"] = False
+        ds = f.create_dataset(
+            "frames", shape=shape, dtype=dtype, chunks=(1, *shape[1:]), **_FRAME_FILTERS
         )
-
-    def _bin_batch(self, cols: Mapping[str, np.ndarray], offsets: np.ndarray) -> np.ndarray:
-        from evformer.events import to_frames_batch
-
-        oh, ow = self.frame_size
-        return to_frames_batch(
-            self._resized(cols),
-            n_frames=self.n_frames,
-            split_by=self.split_by,
-            height=oh,
-            width=ow,
-            offsets=offsets,
-        )
-
-    def _frame_cache_path(self, key_json: str) -> Path:
-        digest = hashlib.blake2b(key_json.encode(), digest_size=6).hexdigest()
-        p = self.cache.path
-        return p.with_name(f"{p.stem}-frames-{digest}.h5")
-
-    def _ensure_frame_cache(self, *, progress: bool) -> FrameCache:
-        key_json = json.dumps(self.frame_key(), sort_keys=True)
-        path = self._frame_cache_path(key_json)
-        if not _frame_cache_current(path, key_json):
-            with _build_lock(path):
-                if not _frame_cache_current(path, key_json):
-                    _remove_stale_temps(path)
-                    try:
-                        self._write_frame_cache(path, key_json, np.uint16, progress)
-                    except OverflowError:
-                        self._write_frame_cache(path, key_json, np.uint32, progress)
-        return FrameCache(path)
-
-    def _write_frame_cache(self, path: Path, key_json: str, dtype: type, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        n = len(self)
-        shape = (n, self.n_frames, 2, *self.frame_size)
-        limit = np.iinfo(dtype).max
-        tmp = _temp_path(path)
-        try:
-            with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
-                f.attrs["complete"] = False
-                ds = f.create_dataset(
-                    "frames",
-                    shape=shape,
-                    dtype=dtype,
-                    chunks=(1, *shape[1:]),
-                    **_FRAME_FILTERS,
-                )
-                bar = tqdm(total=n, desc=f"frames {path.stem}", unit="sample", disable=not progress)
-                with bar:
-                    for a in range(0, n, _FRAME_BATCH):
-                        b = min(n, a + _FRAME_BATCH)
-                        cols, offsets = self.cache.columns_range(a, b)
-                        fr = self._bin_batch(self.orient_events(cols), offsets)
-                        if fr.size and int(fr.max()) > limit:
-                            raise OverflowError(f"samples {a}..{b - 1}: a count exceeds {limit}")
-                        ds[a:b] = fr
-                        bar.update(b - a)
-                f.attrs["key"] = key_json
-                f.attrs["format_version"] = CACHE_FORMAT_VERSION
-                f.attrs["complete"] = True
-            _fsync_and_replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    def frames_numpy_uncached(self, i: int) -> np.ndarray:
-        """Counts [T, 2, H, W] of sample ``i`` binned from events (ignores the frame cache)."""
-        return self._bin(self.orient_events(self.cache.columns(i)))
+        with tqdm(total=n, desc=desc, unit="sample", disable=not progress) as bar:
+            for a in range(0, n, _FRAME_BATCH):
+                b = min(n, a + _FRAME_BATCH)
+                fr = frames(a, b)
+                if fr.size and int(fr.max()) > limit:
+                    raise OverflowError(f"samples {a}..{b - 1}: a count exceeds {limit}")
+                ds[a:b] = fr
+                bar.update(b - a)
+        f.attrs["key"] = key_json
+        f.attrs["format_version"] = CACHE_FORMAT_VERSION
+        f.attrs["complete"] = True

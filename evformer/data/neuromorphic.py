@@ -1,31 +1,23 @@
 """DVS128 Gesture and CIFAR10-DVS as PyTorch datasets of count frames [T, 2, H, W].
 
 Both read the raw recordings exactly as their authors ship them (no conversion
-step by hand), prepare an HDF5 event cache per split once (see
-``evformer.data.cache``) and bin each sample on access. Expected layouts, and
+step by hand), prepare an HDF5 event cache per split once and bin each sample on
+access (``evformer.data.event_dataset.RecordingDataset``: each class here only says
+where its recordings are and how one becomes samples). Expected layouts, and
 where to get the data, are in ``datasets/README.md``; a missing folder raises
 ``DatasetNotFoundError`` saying both.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from evformer.data.cache import (
-    CachePreparationError,
-    EventCache,
-    EventFrameDataset,
-    ensure_event_cache,
-    fingerprint,
-)
+from evformer.data.event_dataset import FrameTransform, RecordingDataset
 from evformer.events.core import sort_events
 
 __all__ = [
@@ -88,21 +80,6 @@ def _missing(what: str, expected: Path, root: Path, how: str) -> DatasetNotFound
         f"Put it under the data root {root.resolve()} (the `root` argument); "
         "datasets/README.md shows every expected layout."
     )
-
-
-def _cache_dir(root: Path, cache_dir: str | os.PathLike | None) -> Path:
-    d = Path(cache_dir) if cache_dir is not None else root / ".evformer"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(
-            f"cannot create the cache folder {d} ({err}); pass cache_dir= a writable folder"
-        ) from err
-    if not os.access(d, os.W_OK):
-        raise PermissionError(
-            f"cache folder {d} is not writable; pass cache_dir= a writable folder"
-        )
-    return d
 
 
 # --------------------------------------------------------------------------- DVS128 Gesture
@@ -174,7 +151,7 @@ def _read_trials(path: Path) -> list[str]:
         return [ln.strip() for ln in fh.read().splitlines() if ln.strip()]
 
 
-class DVSGesture(EventFrameDataset):
+class DVSGesture(RecordingDataset):
     """DVS128 Gesture (IBM): 11 gestures, 128 x 128; ``ds[i] -> (frames, label)``.
 
     ``root`` holds the extracted ``DvsGesture/`` folder (or is that folder):
@@ -190,47 +167,28 @@ class DVSGesture(EventFrameDataset):
     rule) or ``"time"``; H = W = 128, or ``resize``. The first use of a split parses
     its recordings in ``num_workers`` processes into ``<cache_dir>/dvsgesture-<split>.h5``
     (``cache_dir`` defaults to ``<root>/.evformer``); later uses open it directly,
-    unless a recording changed. See ``EventFrameDataset`` for ``transform``,
-    ``event_transform``, ``resize`` and ``cache_frames``; ``skip_bad``
-    skips unreadable recordings (reported, and listed in ``self.skipped``).
+    unless a recording changed. See ``RecordingDataset`` for ``transform``,
+    ``event_transform``, ``resize``, ``cache_frames`` and ``skip_bad`` (skips unreadable
+    recordings, reported and listed in ``self.skipped``).
     """
 
     sensor_size = (128, 128)
     classes = DVS_GESTURE_CLASSES
     folder_name = "DvsGesture"
+    cache_name = "dvsgesture"
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        n_frames: int = 16,
-        split_by: str = "number",
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        *,
-        event_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        resize: int | tuple[int, int] | None = None,
-        cache_frames: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-        skip_bad: bool = False,
-        num_workers: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        root = Path(root)
-        folder = self.locate(root)
-        trials_file = folder / f"trials_to_{split}.txt"
+    def sources(self) -> list[tuple[Path, Path]]:
+        """``(userNN_<lighting>.aedat, its labels csv)`` of every trial of the split."""
+        folder = self.locate(self.root)
+        trials_file = folder / f"trials_to_{self.split}.txt"
         if not trials_file.is_file():
-            raise _missing("DVS128 Gesture split list", trials_file, root, self._how_to_get())
-        names = _read_trials(trials_file)
+            raise _missing("DVS128 Gesture split list", trials_file, self.root, self._how_to_get())
         sources: list[tuple[Path, Path]] = []
         missing = []
-        for name in names:
+        for name in _read_trials(trials_file):
             aedat = folder / name
             csv = folder / f"{Path(name).stem}_labels.csv"
-            for f in (aedat, csv):
-                if not f.is_file():
-                    missing.append(f.name)
+            missing += [f.name for f in (aedat, csv) if not f.is_file()]
             sources.append((aedat, csv))
         if missing:
             raise DatasetNotFoundError(
@@ -238,37 +196,13 @@ class DVSGesture(EventFrameDataset):
                 f"{folder}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
                 f"({len(missing)} files). Re-extract DvsGesture.tar.gz ({self._how_to_get()})"
             )
-        params = {"dataset": "DVSGesture", "split": split, "rule": _DVS_GESTURE_RULE}
-        fp = fingerprint(
-            [trials_file, *(f for pair in sources for f in pair), json.dumps(params)],
-            root=folder,
-        )
-        path = _cache_dir(root, cache_dir) / f"dvsgesture-{split}.h5"
-        cache = ensure_event_cache(
-            path,
-            sources,
-            load_dvsgesture_recording,
-            fingerprint=fp,
-            meta={**params, "n_recordings": len(sources)},
-            sensor_size=self.sensor_size,
-            num_workers=num_workers,
-            skip_bad=skip_bad,
-            desc=f"DVSGesture {split}",
-            progress=progress,
-        )
-        self.root = root
-        self.split = split
-        super().__init__(
-            cache,
-            n_frames=n_frames,
-            split_by=split_by,
-            transform=transform,
-            event_transform=event_transform,
-            resize=resize,
-            cache_frames=cache_frames,
-            progress=progress,
-        )
-        _check_skipped(cache, skip_bad)
+        return sources
+
+    def params(self) -> dict[str, Any]:
+        return {"rule": _DVS_GESTURE_RULE}
+
+    def loader(self):
+        return load_dvsgesture_recording
 
     @classmethod
     def locate(cls, root: Path) -> Path:
@@ -349,7 +283,7 @@ def cifar10dvs_split(
     return out
 
 
-class CIFAR10DVS(EventFrameDataset):
+class CIFAR10DVS(RecordingDataset):
     """CIFAR10-DVS: 10 classes x 1000 DVS128 recordings of CIFAR-10 images; ``(frames, label)``.
 
     ``root`` holds the folder ``CIFAR10-DVS/`` (tonic's name ``CIFAR10DVS/`` is also
@@ -369,12 +303,14 @@ class CIFAR10DVS(EventFrameDataset):
 
     The event cache stores sensor coordinates, so both orientations share it
     (``<cache_dir>/cifar10dvs-<split>.h5``). ``frames``: float32 [T, 2, H, W] counts,
-    channel 0 = p 0 after orientation. Other arguments as in ``DVSGesture``.
+    channel 0 = p 0 after orientation. Other arguments as in ``DVSGesture``
+    (``RecordingDataset``).
     """
 
     sensor_size = (128, 128)
     classes = CIFAR10_DVS_CLASSES
     folder_names = ("CIFAR10-DVS", "CIFAR10DVS")
+    cache_name = "cifar10dvs"
 
     def __init__(
         self,
@@ -382,59 +318,26 @@ class CIFAR10DVS(EventFrameDataset):
         split: str = "train",
         n_frames: int = 16,
         split_by: str = "number",
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: FrameTransform | None = None,
         *,
         orientation: str = "spikingjelly",
         train_fraction: float = 0.9,
-        event_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        resize: int | tuple[int, int] | None = None,
-        cache_frames: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-        skip_bad: bool = False,
-        num_workers: int | None = None,
-        progress: bool = True,
+        **kwargs: Any,
     ) -> None:
         if orientation not in ORIENTATIONS:
             raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        root = Path(root)
-        folder = self.locate(root)
-        sources = cifar10dvs_split(folder, split, train_fraction)
-        params = {
-            "dataset": "CIFAR10DVS",
-            "split": split,
-            "train_fraction": train_fraction,
-            "rule": _CIFAR10_DVS_RULE,
-        }
-        fp = fingerprint([*(f for f, _ in sources), json.dumps(params)], root=folder)
-        path = _cache_dir(root, cache_dir) / f"cifar10dvs-{split}.h5"
-        cache = ensure_event_cache(
-            path,
-            sources,
-            load_cifar10dvs_recording,
-            fingerprint=fp,
-            meta={**params, "n_recordings": len(sources)},
-            sensor_size=self.sensor_size,
-            num_workers=num_workers,
-            skip_bad=skip_bad,
-            desc=f"CIFAR10DVS {split}",
-            progress=progress,
-        )
-        self.root = root
-        self.split = split
         self.orientation = orientation
-        super().__init__(
-            cache,
-            n_frames=n_frames,
-            split_by=split_by,
-            transform=transform,
-            event_transform=event_transform,
-            resize=resize,
-            cache_frames=cache_frames,
-            progress=progress,
-        )
-        _check_skipped(cache, skip_bad)
+        self.train_fraction = train_fraction
+        super().__init__(root, split, n_frames, split_by, transform, **kwargs)
+
+    def sources(self) -> list[tuple[Path, int]]:
+        return cifar10dvs_split(self.locate(self.root), self.split, self.train_fraction)
+
+    def params(self) -> dict[str, Any]:
+        return {"train_fraction": self.train_fraction, "rule": _CIFAR10_DVS_RULE}
+
+    def loader(self):
+        return load_cifar10dvs_recording
 
     def orient_events(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.orientation == "sensor":
@@ -465,23 +368,3 @@ class CIFAR10DVS(EventFrameDataset):
             f"Download the 10 class zips (airplane.zip ... truck.zip) from {_CIFAR10_DVS_URL} "
             "and extract each into the CIFAR10-DVS/ folder (one folder per class).",
         )
-
-
-def _check_skipped(cache: EventCache, skip_bad: bool) -> None:
-    """Report recordings a cache skipped; refuse such a cache unless skip_bad is on."""
-    if not cache.bad:
-        return
-    listing = ", ".join(n for n, _ in cache.bad[:5]) + (" ..." if len(cache.bad) > 5 else "")
-    if not skip_bad:
-        raise CachePreparationError(
-            f"{cache.path} was prepared with skip_bad=True and lacks {len(cache.bad)} "
-            f"unreadable recording(s): {listing}. Pass skip_bad=True to use it as is, or "
-            "replace those files (the cache is then rebuilt)."
-        )
-    import warnings
-
-    warnings.warn(
-        f"{cache.path.name}: {len(cache.bad)} unreadable recording(s) skipped: {listing} "
-        "(see the dataset's .skipped)",
-        stacklevel=3,
-    )

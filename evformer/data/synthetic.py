@@ -9,21 +9,12 @@ Needs no download, so the demo recipe and the tests run anywhere.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from evformer.data.cache import (
-    EventFrameDataset,
-    cache_is_current,
-    ensure_event_cache,
-    fingerprint,
-)
+from evformer.data.event_dataset import FrameTransform, RecordingDataset
 from evformer.events.gestures import GENERATOR_VERSION, GESTURE_CLASSES, make_gesture_events
 
 __all__ = ["SyntheticGesture", "synthetic_gesture_sample"]
@@ -77,7 +68,7 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
-class SyntheticGesture(EventFrameDataset):
+class SyntheticGesture(RecordingDataset):
     """Synthetic gestures: 11 classes of moving shapes on a DVS; ``ds[i] -> (frames, label)``.
 
     Classes (``classes``, see ``evformer.events.gestures``): swipe right / left / down /
@@ -101,11 +92,13 @@ class SyntheticGesture(EventFrameDataset):
 
     ``frames``: float32 [T, 2, H, W] event counts (channel 0 = OFF, 1 = ON),
     T = ``n_frames``, ``split_by`` ``"number"`` or ``"time"``, H x W the sensor or
-    ``resize``. See ``EventFrameDataset`` for ``transform``, ``event_transform``,
-    ``resize`` and ``cache_frames``.
+    ``resize``. See ``RecordingDataset`` for ``transform``, ``event_transform``,
+    ``resize``, ``cache_frames``, ``cache_dir`` and ``num_workers``.
     """
 
     classes = GESTURE_CLASSES
+    cache_name = "synthetic-gesture"
+    cache_folder = "synthetic_gesture"
 
     def __init__(
         self,
@@ -113,7 +106,7 @@ class SyntheticGesture(EventFrameDataset):
         split: str = "train",
         n_frames: int = 16,
         split_by: str = "number",
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: FrameTransform | None = None,
         *,
         n_train_per_class: int = 64,
         n_test_per_class: int = 16,
@@ -126,25 +119,17 @@ class SyntheticGesture(EventFrameDataset):
         threshold_sigma: float = 0.03,
         refractory_us: int = 100,
         noise_rate_hz: tuple[float, float] = (0.05, 0.3),
-        event_transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-        resize: int | tuple[int, int] | None = None,
-        cache_frames: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-        num_workers: int | None = None,
-        progress: bool = True,
+        **kwargs: Any,
     ) -> None:
-        if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        n_per_class = {
+        self.n_per_class = {
             "train": _positive_int(n_train_per_class, "n_train_per_class"),
             "test": _positive_int(n_test_per_class, "n_test_per_class"),
-        }[split]
+        }
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
         if len(noise_rate_hz) != 2:
             raise ValueError(f"noise_rate_hz: expected a range (low, high), got {noise_rate_hz!r}")
-        gen = {
-            "split": split,
+        self.generator_params = {
             "seed": int(seed),
             "height": _positive_int(height, "height"),
             "width": _positive_int(width, "width"),
@@ -155,41 +140,25 @@ class SyntheticGesture(EventFrameDataset):
             "refractory_us": int(refractory_us),
             "noise_rate_hz": [float(noise_rate_hz[0]), float(noise_rate_hz[1])],
         }
-        n_samples = n_per_class * len(GESTURE_CLASSES)
-        params = {
-            "dataset": "SyntheticGesture",
+        self.sensor_size = (self.generator_params["height"], self.generator_params["width"])
+        super().__init__(root, split, n_frames, split_by, transform, **kwargs)
+
+    def sources(self) -> list[int]:
+        return list(range(self.n_per_class[self.split] * len(GESTURE_CLASSES)))
+
+    def params(self) -> dict[str, Any]:
+        n_samples = self.n_per_class[self.split] * len(GESTURE_CLASSES)
+        return {
             "generator_version": GENERATOR_VERSION,
             "n_samples": n_samples,
-            **gen,
+            **self.generator_params,
         }
-        fp = fingerprint([json.dumps(params, sort_keys=True)])
-        folder = Path(cache_dir) if cache_dir is not None else Path(root) / "synthetic_gesture"
-        path = folder / f"synthetic-gesture-{split}.h5"
-        if not cache_is_current(path, fp):
-            # Generate one sample here first: a bad generator argument then raises its own
-            # error in this process, not a preparation error from inside a worker.
-            synthetic_gesture_sample(0, **gen)
-        cache = ensure_event_cache(
-            path,
-            list(range(n_samples)),
-            functools.partial(synthetic_gesture_sample, **gen),
-            fingerprint=fp,
-            meta={**params, "classes": list(GESTURE_CLASSES)},
-            sensor_size=(gen["height"], gen["width"]),
-            num_workers=num_workers,
-            desc=f"SyntheticGesture {split}",
-            progress=progress,
-        )
-        self.root = Path(root)
-        self.split = split
-        self.sensor_size = (gen["height"], gen["width"])
-        super().__init__(
-            cache,
-            n_frames=n_frames,
-            split_by=split_by,
-            transform=transform,
-            event_transform=event_transform,
-            resize=resize,
-            cache_frames=cache_frames,
-            progress=progress,
-        )
+
+    def loader(self):
+        gen = self.generator_params
+        return functools.partial(synthetic_gesture_sample, split=self.split, **gen)
+
+    def before_prepare(self, sources) -> None:
+        # Generate one sample here first: a bad generator argument then raises its own
+        # error in this process, not a preparation error from inside a worker.
+        self.loader()(0)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from evformer._atomic import atomic_write
 
 FORMAT = "evformer.checkpoint"
 VERSION = 1
@@ -76,23 +77,12 @@ def restore_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` through a temporary file in the same directory and
-    ``os.replace``: a killed process leaves either the old file or the new one, never a
+    """``torch.save(obj, path)`` through ``evformer._atomic.atomic_write`` (temporary file,
+    fsync, rename): a killed process leaves either the old file or the new one, never a
     truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

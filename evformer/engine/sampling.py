@@ -7,9 +7,10 @@ the batches an uninterrupted one would, on one process or many.
   starts at a batch offset instead of replaying the loader.
 - :class:`ShardSampler` (evaluation): every sample exactly once over all ranks, no padding
   (padding duplicates would bias the accuracy).
-- :class:`SeededTransformDataset`: per-sample augmentation randomness from a generator
-  seeded by ``(seed, epoch, index)``, independent of worker count and of where a run was
-  interrupted.
+- :class:`SeededTransformDataset`: per-sample augmentation randomness -- frame and event
+  level -- from generators seeded by ``(seed, epoch, index)``
+  (``evformer.data.seeding.sample_generators``), independent of worker count and of where
+  a run was interrupted.
 """
 
 from __future__ import annotations
@@ -17,21 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+# The per-sample generators live with the datasets that consume them (one module for the
+# torch and the NumPy stream); epoch_generator is re-exported here for the trainer.
+from evformer.data.seeding import epoch_generator, sample_generators
 
-def epoch_generator(seed: int, epoch: int, *streams: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from ``(seed, epoch, *streams)`` alone (all >= 0).
-
-    NumPy's SeedSequence mixes the integers, so nearby epochs or ranks get unrelated
-    streams (``seed + epoch`` would make run (seed=1, epoch=0) replay run (seed=0, epoch=1)).
-    """
-    words = np.random.SeedSequence([seed, epoch, *streams]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator()
-    g.manual_seed(int(words[0]) << 32 | int(words[1]))
-    return g
+__all__ = ["EpochSampler", "SeededTransformDataset", "ShardSampler", "epoch_generator"]
 
 
 class EpochSampler(Sampler[int]):
@@ -124,16 +118,22 @@ class ShardSampler(Sampler[int]):
 
 
 class SeededTransformDataset(Dataset):
-    """``base[i]`` passed through ``transform(x, generator)`` with a per-sample generator.
+    """``base[i]`` with every random draw taken from generators of ``(seed, epoch, i)``.
 
-    ``generator`` is a CPU ``torch.Generator`` seeded from ``(seed, epoch, i)`` alone (see
-    :func:`epoch_generator`): the epoch is set by the trainer through :meth:`set_epoch`
-    before each epoch's loader is created. Augmentation is therefore reproducible with any
-    number of loader workers, on any number of processes, and after a resume. ``base[i]``
-    must return ``(x, label)``; ``transform`` must draw all its randomness from
-    ``generator`` -- evformer's frame and image transforms
-    (``evformer.data.transforms``, ``evformer.data.static``) take it as their second
-    argument.
+    Sample ``i`` gets ``sample_generators(seed, epoch, i)`` (see ``evformer.data.seeding``):
+    a CPU ``torch.Generator`` and a ``np.random.Generator`` from one SeedSequence.
+
+    - event level: when ``base`` has a ``getitem(i, rng)`` method (every
+      ``evformer.data.EventFrameDataset``), it is called with the NumPy generator, which
+      its ``event_transform`` draws from; otherwise ``base[i]`` is used;
+    - frame level: ``transform(x, generator)`` (if given) gets the torch generator --
+      evformer's frame and image transforms (``evformer.data.transforms``,
+      ``evformer.data.static``) take it as their second argument, and must draw all their
+      randomness from it.
+
+    The epoch is set by the trainer through :meth:`set_epoch` before each epoch's loader is
+    created. Augmentation is therefore reproducible with any number of loader workers, on
+    any number of processes, and after a resume. ``base[i]`` must return ``(x, label)``.
 
     Loader workers receive a copy of the dataset when an epoch's iterator is created, so use
     ``persistent_workers=False`` (the default) for :meth:`set_epoch` to reach them.
@@ -142,7 +142,7 @@ class SeededTransformDataset(Dataset):
     def __init__(
         self,
         base: Dataset,
-        transform: Callable[[Any, torch.Generator], Any],
+        transform: Callable[[Any, torch.Generator], Any] | None = None,
         *,
         seed: int,
     ) -> None:
@@ -158,5 +158,9 @@ class SeededTransformDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int):
-        x, y = self.base[index]
-        return self.transform(x, epoch_generator(self.seed, self.epoch, int(index))), y
+        generator, rng = sample_generators(self.seed, self.epoch, int(index))
+        getitem = getattr(self.base, "getitem", None)
+        x, y = getitem(index, rng) if callable(getitem) else self.base[index]
+        if self.transform is not None:
+            x = self.transform(x, generator)
+        return x, y
