@@ -98,6 +98,10 @@ class FitConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.cooldown_epochs < 0:
             raise ValueError(f"epochs={self.epochs} must be >= 1, cooldown_epochs >= 0")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}]"
+            )
         if self.amp_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {self.amp_dtype!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -295,6 +299,48 @@ def evaluate(
     )
 
 
+def load_model_state(
+    model: nn.Module, state: dict, *, strict: bool = True, source: str = "checkpoint"
+) -> tuple[list[str], list[str]]:
+    """Load ``state`` (name -> tensor) into ``model``; returns ``(missing, unexpected)`` keys.
+
+    Raises ``ValueError`` naming every key whose shape differs (checkpoint shape vs. model
+    shape) -- with or without ``strict``: a tensor of the wrong shape cannot be loaded --
+    and, with ``strict``, the missing and unexpected keys. ``source`` names the file in the
+    message."""
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of another shape: " + "; ".join(mismatched))
+    if strict and missing:
+        problems.append(
+            f"{len(missing)} missing: {', '.join(missing[:10])}"
+            + (" ..." if len(missing) > 10 else "")
+        )
+    if strict and unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected: {', '.join(unexpected[:10])}"
+            + (" ..." if len(unexpected) > 10 else "")
+        )
+    if problems:
+        raise ValueError(
+            f"{source} does not fit the model {type(model).__name__}: {'. '.join(problems)}. "
+            "Use the model settings it was trained with (model, model_args, num_classes)."
+        )
+    if strict:
+        model.load_state_dict(state)
+    else:
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return missing, unexpected
+
+
 class Trainer:
     """The state of one training run; :func:`fit` is the usual entry point."""
 
@@ -430,7 +476,7 @@ class Trainer:
                 f"{path} is not a resumable training checkpoint (no optimizer/progress state); "
                 "use it with --eval-only --checkpoint or as initial weights instead"
             )
-        _unwrap(self.ddp).load_state_dict(ckpt["model"])
+        load_model_state(_unwrap(self.ddp), ckpt["model"], strict=True, source=str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         try:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -657,6 +703,11 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         final = self.last_eval
+        if final is None and resume is not None and self.test_set is not None and self.epoch:
+            # resumed a run that had already finished (killed after its last checkpoint, or
+            # resumed again): its final evaluation is not in the checkpoint, so it is redone
+            # on the checkpointed weights -- the same numbers the finished run had
+            final = self.last_eval = self.evaluate(desc="test (final, recomputed)")
         history = self.metrics.read() if self.metrics is not None and main else []
         if main:
             if cfg.plots:

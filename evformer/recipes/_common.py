@@ -3,7 +3,8 @@ generated from the dataclass fields, run directories, missing-data handling and 
 train / evaluate flow.
 
 Precedence, lowest first: the recipe's ``Config`` defaults (the published recipe), the
-``--demo`` overrides, a ``--preset`` YAML file, explicit command-line flags.
+``--demo`` overrides, with ``--resume`` the resumed run's own settings (its
+``config.yaml``), a ``--preset`` YAML file, explicit command-line flags.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ from torch.utils.data import Dataset
 
 from evformer.engine.trainer import FitConfig
 
-# Top-level ``recipes/`` of the source checkout, where the YAML presets live.
-PRESET_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# The YAML presets ship inside the package (package data); the top-level ``recipes/`` of a
+# source checkout is a link to this folder.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+# What identifies a run: a resumed run keeps these (changing them is a new run).
+RUN_IDENTITY = ("model", "model_args", "num_classes", "dataset")
+# Settings of a resumed run that describe the earlier invocation, not the run itself.
+_NOT_RESUMED = ("resume", "out", "eval_only", "checkpoint")
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_DATA, EXIT_NONFINITE = 0, 1, 2, 3
 
@@ -61,7 +68,7 @@ class RecipeConfig(FitConfig):
     # -- devices and run
     device: str = "auto"  # auto, cpu, cuda, or cuda:<index>
     out: str | None = None  # run directory (default runs/<recipe>/<time>)
-    resume: str | None = None  # a last.pt to continue from (same run directory)
+    resume: str | None = None  # a last.pt to continue, with its run's config.yaml settings
     eval_only: bool = False  # evaluate --checkpoint, no training
     checkpoint: str | None = None  # weights for --eval-only
     eval_t: tuple[int, ...] = ()  # also evaluate at these T after training (Table VI)
@@ -74,6 +81,7 @@ class RecipeConfig(FitConfig):
 
     def validate(self) -> None:
         super().validate()
+        _check_device(self.device)
         if not self.model:
             raise ValueError("no model given (--model)")
         if self.T < 1:
@@ -84,6 +92,26 @@ class RecipeConfig(FitConfig):
             raise ValueError("--resume and --eval-only exclude each other")
         if any(t < 1 for t in self.eval_t):
             raise ValueError(f"--eval-t values must be >= 1, got {self.eval_t}")
+
+
+def _check_device(device: str) -> None:
+    """Refuse a ``--device`` that is not a device, or a GPU this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:<index>"
+        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"--device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}"
+            )
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -214,7 +242,8 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
 
 
 def resolve_preset(name: str) -> Path:
-    """A preset path, or a preset name looked up in the top-level ``recipes/`` folder."""
+    """A preset path, or a preset name looked up among the presets shipped with evformer
+    (``evformer/recipes/presets/``, which the top-level ``recipes/`` links to)."""
     p = Path(name)
     if p.is_file():
         return p
@@ -253,6 +282,40 @@ def load_preset(cls: type, path: str | Path, *, recipe: str) -> dict:
             f"valid fields: {', '.join(sorted(names))}"
         )
     return {k: _coerce(cls, k, v, str(path)) for k, v in data.items()}
+
+
+def load_run_config(cls: type, checkpoint: str | Path, *, recipe: str) -> dict:
+    """The settings of the run that wrote ``checkpoint`` (a ``last.pt``): its directory's
+    ``config.yaml``, else the copy inside the checkpoint; ``{}`` when neither exists (a
+    checkpoint from library use). Raises ``ValueError`` when the run belongs to another
+    recipe. Fields naming the earlier invocation (``resume``, ``out``, ...) are left out."""
+    checkpoint = Path(checkpoint)
+    source = checkpoint.parent / "config.yaml"
+    if source.is_file():
+        try:
+            data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source}: not valid YAML ({e})") from e
+    else:
+        from evformer.engine.checkpoint import load_checkpoint
+
+        source = checkpoint
+        data = load_checkpoint(checkpoint).get("config")
+    if not isinstance(data, dict) or "recipe" not in data:
+        return {}
+    owner = data["recipe"]
+    if owner != recipe:
+        raise ValueError(
+            f"{checkpoint} is a checkpoint of a {owner!r} run (see {source}), not a "
+            f"{recipe!r} one: resume it with python -m evformer.recipes.{owner} "
+            f"--resume {checkpoint}, or start a {recipe} run from its weights with --init"
+        )
+    names = {f.name for f in fields(cls)}
+    return {
+        k: _coerce(cls, k, v, str(source))
+        for k, v in data.items()
+        if k in names and k not in _NOT_RESUMED
+    }
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -343,7 +406,8 @@ def build_parser(cls: type, *, prog: str, description: str) -> argparse.Argument
         "--preset",
         "--config",
         dest="preset",
-        help="YAML preset: a file, or a name from the top-level recipes/ folder",
+        help="YAML preset: a file, or the name of a preset shipped with evformer "
+        "(evformer/recipes/presets/, linked from the top-level recipes/)",
     )
     recipe_group = parser.add_argument_group("model, data and run")
     fit_group = parser.add_argument_group("training (evformer.engine.FitConfig)")
@@ -369,17 +433,35 @@ def parse_config(
     demo: dict,
     description: str,
 ) -> RecipeConfig:
-    """Defaults < ``--demo`` overrides < ``--preset`` < explicit flags."""
+    """Defaults < ``--demo`` overrides < the resumed run's settings (``--resume``) <
+    ``--preset`` < explicit flags. A resumed run keeps its :data:`RUN_IDENTITY` fields."""
     parser = build_parser(cls, prog=f"python -m evformer.recipes.{recipe}", description=description)
     given = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     if given.get("demo"):
         values.update(demo)
+    saved: dict[str, Any] = {}
+    if given.get("resume") and Path(given["resume"]).is_file():  # else: exit 2 in run()
+        saved = load_run_config(cls, given["resume"], recipe=recipe)
+        values.update(saved)
+    explicit: dict[str, Any] = {}
     if given.get("preset"):
         path = resolve_preset(given["preset"])
-        values.update(load_preset(cls, path, recipe=recipe))
+        explicit.update(load_preset(cls, path, recipe=recipe))
         given["preset"] = str(path)
-    values.update(given)
+    explicit.update(given)
+    changed = [
+        f"{k} {saved[k]!r} -> {explicit[k]!r}"
+        for k in RUN_IDENTITY
+        if k in saved and k in explicit and explicit[k] != saved[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume {given['resume']} continues a run, which keeps its model and data; "
+            f"this command line changes {', '.join(changed)}. Drop those settings, or start "
+            f"a new run from the checkpoint's weights with --init {given['resume']}"
+        )
+    values.update(explicit)
     cfg = cls(**values)
     cfg.validate()
     return cfg
@@ -445,6 +527,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool) -> list[st
     through ``torch.load(weights_only=True)``. Returns short notes for the user: the
     conversion, and with ``strict=False`` the keys that did not match."""
     from evformer.engine import load_checkpoint, model_state_from
+    from evformer.engine.trainer import load_model_state
 
     # official files pickle their argparse command line next to the weights
     ckpt = load_checkpoint(path, trusted_types=(argparse.Namespace,))
@@ -460,12 +543,11 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool) -> list[st
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} looks like an official Spikformer checkpoint: {e}") from e
         return [f"converted from the official Spikformer layout ({path})"]
-    result = model.load_state_dict(state, strict=strict)
+    missing, unexpected = load_model_state(model, state, strict=strict, source=str(path))
     notes = []
-    if result.missing_keys:
-        notes.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]})")
-    if result.unexpected_keys:
-        unexpected = result.unexpected_keys
+    if missing:
+        notes.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
         notes.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     return notes
 
@@ -504,7 +586,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     """Parse the command line, then train (or ``--eval-only``) and report. Returns the
     process exit code: 0 done, 1 bad settings or files, 2 data or checkpoint missing (and,
     from argparse, a malformed command line), 3 the loss became non-finite."""
-    from evformer.data import DatasetNotFoundError
+    from evformer.data import CachePreparationError, DatasetNotFoundError
 
     try:
         cfg = parse_config(
@@ -526,17 +608,32 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as e:  # a --checkpoint/--resume/--init path
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_DATA
-    except ValueError as e:
-        # bad settings or files (class count, batch size, checkpoint layout): the message
-        # says what is wrong; the traceback is for debugging evformer itself
+    except (ValueError, CachePreparationError, OSError) as e:
+        # bad settings or files (class count, batch size, checkpoint layout, an unreadable
+        # recording, a cache folder that cannot be written): the message says what is
+        # wrong; the traceback is for debugging evformer itself
         if os.environ.get("EVFORMER_TRACEBACK"):
             raise
-        print(f"error: {e}\n(set EVFORMER_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        print(
+            f"error: {e}{_flag_hint(str(e), cfg)}\n(set EVFORMER_TRACEBACK=1 to see the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     finally:
         from evformer.engine import cleanup_distributed
 
         cleanup_distributed()
+
+
+# library arguments that data errors mention -> the recipe flag that sets them
+_FLAGS_FOR = {"skip_bad": "--skip-bad", "cache_dir": "--cache-dir DIR"}
+
+
+def _flag_hint(message: str, cfg: RecipeConfig) -> str:
+    """Name the command-line flags for the library arguments a message mentions."""
+    names = {f.name for f in fields(cfg)}
+    flags = [flag for arg, flag in _FLAGS_FOR.items() if arg in message and arg in names]
+    return f"\n(on the command line: {', '.join(flags)})" if flags else ""
 
 
 def _run(recipe: Recipe, cfg: RecipeConfig) -> int:
@@ -551,6 +648,14 @@ def _run(recipe: Recipe, cfg: RecipeConfig) -> int:
     )
     from evformer.engine.tracking import atomic_write_text
 
+    files = {
+        "--resume": cfg.resume,
+        "--checkpoint": cfg.checkpoint if cfg.eval_only else None,
+        "--init": cfg.init if not (cfg.resume or cfg.eval_only) else None,
+    }
+    for flag, path in files.items():
+        if path and not Path(path).is_file():  # before any data is read
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     dist = init_distributed(None if cfg.device == "auto" else cfg.device)
     use_amp = cfg.amp if cfg.amp is not None else dist.device.type == "cuda"
     # every rank must write into rank 0's directory (timestamps could differ)

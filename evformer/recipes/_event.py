@@ -25,6 +25,8 @@ class EventConfig(RecipeConfig):
     synthetic_train_per_class: int = 64
     synthetic_test_per_class: int = 16
     prepare_workers: int | None = None  # processes that parse / generate the event cache
+    skip_bad: bool = False  # skip unreadable recordings (listed in a warning) instead of failing
+    cache_dir: str | None = None  # folder of the event caches (default <data-root>/.evformer)
 
 
 def _frame_kwargs(cfg: EventConfig, n_frames: int) -> dict:
@@ -35,6 +37,8 @@ def _frame_kwargs(cfg: EventConfig, n_frames: int) -> dict:
         cache_frames=cfg.cache_frames,
         num_workers=cfg.prepare_workers,
         progress=cfg.progress,
+        skip_bad=cfg.skip_bad,
+        cache_dir=cfg.cache_dir,
     )
 
 
