@@ -11,6 +11,9 @@ _LAZY: dict[str, str] = {
     "training_curves_figure": "plots",
     "plot_confusion_matrix": "plots",
     "confusion_matrix_figure": "plots",
+    "plot_mae_reconstructions": "reconstruction",
+    "reconstruction_panels": "reconstruction",
+    "save_figure": "plots",
 }
 
 __all__ = list(_LAZY)

@@ -19,7 +19,8 @@ from matplotlib.ticker import MaxNLocator
 from evformer._atomic import atomic_write
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically (``evformer._atomic``); returns the path."""
     FigureCanvasAgg(fig)
     with atomic_write(path) as f:
         fig.savefig(f, dpi=dpi, format="png")
@@ -69,7 +70,7 @@ def training_curves_figure(rows: Sequence[dict]) -> Figure:
 
 def plot_training_curves(rows: Sequence[dict], path: str | os.PathLike, *, dpi: int = 110) -> Path:
     """Write :func:`training_curves_figure` as a PNG to ``path`` (atomically)."""
-    return _save(training_curves_figure(rows), path, dpi)
+    return save_figure(training_curves_figure(rows), path, dpi=dpi)
 
 
 def confusion_matrix_figure(
@@ -119,6 +120,5 @@ def plot_confusion_matrix(
     dpi: int = 110,
 ) -> Path:
     """Write :func:`confusion_matrix_figure` as a PNG to ``path`` (atomically)."""
-    return _save(
-        confusion_matrix_figure(cm, class_names=class_names, normalize=normalize), path, dpi
-    )
+    fig = confusion_matrix_figure(cm, class_names=class_names, normalize=normalize)
+    return save_figure(fig, path, dpi=dpi)
