@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as tvf
 
 from evformer.data.neuromorphic import DatasetNotFoundError
 from evformer.data.static import (
@@ -23,8 +25,10 @@ from evformer.data.static import (
     ImageNet,
     PoissonEncoder,
     RandAugment,
+    RandomCropPad,
     RandomResizedCrop,
     RepeatEncoder,
+    _ra_apply,
     cifar_eval_transform,
     cifar_train_transform,
 )
@@ -246,6 +250,52 @@ def test_random_resized_crop_boxes():
     )
     out = rrc(torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8), g)
     assert out.shape == (3, 16, 16)
+
+
+def test_random_resized_crop_applies_its_box():
+    rrc = RandomResizedCrop(16, scale=(0.25, 0.5))
+    img = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8)
+    for seed in range(5):
+        top, left, h, w = rrc.box(40, 60, torch.Generator().manual_seed(seed))
+        want = tvf.resized_crop(
+            img, top, left, h, w, [16, 16], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
+        assert torch.equal(rrc(img, torch.Generator().manual_seed(seed)), want)
+
+
+def test_random_crop_pad_is_a_uniform_zero_padded_window():
+    img = torch.randint(1, 256, (3, 32, 32), dtype=torch.uint8)  # no zeros inside the image
+    padded = tvf.pad(img, [4], fill=0)
+    crop = RandomCropPad(32, 4)
+    offsets = []
+    for seed in range(300):
+        out = crop(img, torch.Generator().manual_seed(seed))
+        hits = [
+            (t, c)
+            for t in range(9)
+            for c in range(9)
+            if torch.equal(out, padded[:, t : t + 32, c : c + 32])
+        ]
+        assert len(hits) == 1
+        offsets.append(hits[0])
+    assert {t for t, _ in offsets} == set(range(9)) and {c for _, c in offsets} == set(range(9))
+
+
+@pytest.mark.parametrize(
+    "name,matrix", [("ShearX", (1, 0.27, 0, 0, 1, 0)), ("ShearY", (1, 0, 0, -0.3, 1, 0))]
+)
+def test_randaugment_shear_matches_timm_pil(name, matrix):
+    # timm shears with PIL's Image.transform about the top-left corner; with nearest
+    # sampling the torchvision op is pixel-exact to it
+    arr = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    fill = (124, 116, 104)
+    ref = Image.fromarray(arr).transform(
+        (40, 32), Image.AFFINE, matrix, resample=Image.NEAREST, fillcolor=fill
+    )
+    factor = matrix[1] if name == "ShearX" else matrix[3]
+    img = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    out = _ra_apply(img, name, factor, list(map(float, fill)), InterpolationMode.NEAREST)
+    np.testing.assert_array_equal(out.numpy(), np.asarray(ref).transpose(2, 0, 1))
 
 
 def test_eval_transform_is_deterministic():

@@ -15,8 +15,11 @@ DataLoader then moves T times less data).
 
 Every random transform here is called ``transform(x, generator=None)`` and draws from
 ``generator`` or, when None, from ``evformer.data.transforms.worker_generator()`` (one
-generator per process, distinct in every DataLoader worker), never from torch's global
-RNG; they compose with the frame transforms of ``evformer.data.transforms``.
+generator per process, distinct in every DataLoader worker); they compose with the frame
+transforms of ``evformer.data.transforms``. Crops, flips and erasing are
+``torchvision.transforms.v2`` transforms run with a seed drawn from that generator
+(``evformer.data._tv``: torch's global RNG is forked around the call and left as it
+was); RandAugment is timm's policy over torchvision's functional ops.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as tvf
 
+from evformer.data import _tv
 from evformer.data.neuromorphic import DatasetNotFoundError
 from evformer.data.transforms import (
     Compose,
@@ -139,64 +143,55 @@ class CenterCrop:
 
 @dataclass(frozen=True)
 class RandomCropPad:
-    """Zero-pad by ``padding`` pixels, then crop ``size x size`` at a uniform position."""
+    """Zero-pad by ``padding`` pixels, then crop ``size x size`` at a uniform position
+    (torchvision's ``RandomCrop(size, padding)``)."""
 
     size: int
     padding: int
 
+    def __post_init__(self):
+        object.__setattr__(self, "_op", v2.RandomCrop(self.size, padding=self.padding, fill=0))
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        g = _gen(generator)
-        x = tvf.pad(x, [self.padding], fill=0)
-        h, w = x.shape[-2:]
-        top, left = _randint(0, h - self.size, g), _randint(0, w - self.size, g)
-        return x[..., top : top + self.size, left : left + self.size]
+        return _tv.run_seeded(self._op, x, _gen(generator))
 
 
 @dataclass(frozen=True)
 class RandomResizedCrop:
-    """torchvision's RandomResizedCrop rule with an explicit generator.
+    """torchvision's ``RandomResizedCrop`` (bicubic, antialiased) drawing from ``generator``.
 
     Up to 10 tries: area fraction ``U(scale)``, aspect ratio log-uniform in ``ratio``;
     a box that fits is taken at a uniform position; otherwise the central crop with the
-    aspect ratio clamped to ``ratio``. The box is resized to ``size x size`` (bicubic).
+    aspect ratio clamped to ``ratio``. The box is resized to ``size x size``.
     """
 
     size: int
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
-        """``(top, left, h, w)`` of the crop for a ``height x width`` image."""
-        area = height * width
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for _ in range(10):
-            target = area * _uniform(self.scale[0], self.scale[1], g)
-            aspect = math.exp(_uniform(log_lo, log_hi, g))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return _randint(0, height - h, g), _randint(0, width - w, g), h, w
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            h, w = height, int(round(height * self.ratio[1]))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
+    def __post_init__(self):
+        object.__setattr__(
+            self,
+            "_op",
+            v2.RandomResizedCrop(
+                self.size,
+                scale=self.scale,
+                ratio=self.ratio,
+                interpolation=InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+        )
+
+    def box(
+        self, height: int, width: int, generator: torch.Generator | None = None
+    ) -> tuple[int, int, int, int]:
+        """``(top, left, h, w)`` that ``__call__`` crops from a ``height x width`` image for
+        this generator state."""
+        p = _tv.draw_params(self._op, _tv.probe(height, width), _gen(generator))
+        return p["top"], p["left"], p["height"], p["width"]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        top, left, h, w = self.box(x.shape[-2], x.shape[-1], _gen(generator))
-        return tvf.resized_crop(
-            x,
-            top,
-            left,
-            h,
-            w,
-            [self.size, self.size],
-            interpolation=InterpolationMode.BICUBIC,
-            antialias=True,
-        )
+        return _tv.run_seeded(self._op, x, _gen(generator))
 
 
 # RandAugment operations (timm's "increasing" set, used with inc1). Each maps a magnitude
@@ -253,10 +248,18 @@ def _ra_apply(
     if name == "SharpnessIncreasing":
         return tvf.adjust_sharpness(x, max(0.1, 1.0 + arg))
     if name in ("ShearX", "ShearY"):
+        # about the top-left corner, as PIL's transform in timm: exactly its pixel mapping
         deg = math.degrees(math.atan(arg))
         shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
         return tvf.affine(
-            x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=interp, fill=fill
+            x,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            shear=shear,
+            interpolation=interp,
+            fill=fill,
+            center=[0.0, 0.0],
         )
     if name in ("TranslateXRel", "TranslateYRel"):
         t = [arg * w, 0.0] if name == "TranslateXRel" else [0.0, arg * h]
@@ -278,9 +281,14 @@ class RandAugment:
     Geometric ops fill uncovered pixels with ``fill`` (0..255 per channel, timm's image
     mean) and sample bilinearly.
 
-    Differences from timm (torchvision tensor ops instead of PIL): bilinear instead of
-    bicubic sampling; shears act about the image centre (PIL's about the corner, i.e.
-    an extra translation).
+    The policy is hand-written because torchvision's ``v2.RandAugment`` is a different
+    one (no per-op probability, no magnitude noise, another op set, magnitude 9 of 31
+    bins = 9 degrees instead of timm's 27); every op is a ``torchvision.transforms.v2``
+    functional on the uint8 tensor, with PIL's geometry: rotations about the centre,
+    shears about the top-left corner (as timm's ``Image.transform``; with nearest sampling
+    both are pixel-exact to PIL). Difference from timm: bilinear sampling (torchvision's
+    tensor affine has no bicubic); translations move content right/down for a positive
+    argument (timm's left/up; the sign is random, so the distribution is the same).
     """
 
     num_ops: int = 2

@@ -9,7 +9,8 @@ binning gives 0 = OFF, 1 = ON); nothing here mixes channels.
 Randomness
 ----------
 Each random transform is called as ``transform(x, generator=None)``. Parameters are drawn
-on the CPU from ``generator`` (a ``torch.Generator``); the global torch RNG is never used.
+on the CPU from ``generator`` (a ``torch.Generator``); the global torch RNG's stream is
+never consumed (torchvision ops run on a forked, seeded copy, see below).
 With ``generator=None`` the transform uses ``worker_generator()``: one generator per
 process, seeded from ``torch.initial_seed()``. A DataLoader sets that seed to
 ``base_seed + worker_id`` in each worker, with ``base_seed`` drawn from the loader's own
@@ -20,22 +21,33 @@ process, seeded from ``torch.initial_seed()``. A DataLoader sets that seed to
 
 gives different augmentations in each worker and epoch and the same ones on every rerun.
 ``worker_rng()`` is the NumPy twin for event-level transforms (``evformer.events.augment``).
+All of these live in ``evformer.data.seeding``; training passes each sample its own
+generators instead (``sample_generators(seed, epoch, index)``, see there).
 ``seed_worker`` is optional for evformer's own transforms (the generators re-seed
 themselves when the process or its seed changes); it also seeds NumPy's legacy global
 RNG, which the DataLoader leaves identical in every forked worker, so third-party
 transforms that use it (tonic's) stop repeating across workers.
 
-Geometry follows torchvision: positive rotation angles turn the image counter-clockwise;
-positive translations move content right (x) and down (y). Affine ops use
-``torchvision.transforms.v2.functional``, which treats leading dimensions as a batch and
-applies one transform to all of them; areas uncovered by a transform are filled with 0
-(no events).
+Library ops
+-----------
+Flip, translate, rotate, shear and erasing are ``torchvision.transforms.v2`` transforms
+(``RandomHorizontalFlip``, ``RandomCrop`` with padding, ``RandomRotation``,
+``RandomAffine``, ``RandomErasing``), which treat leading dimensions as a batch: one draw
+applies to all of them. Their draws come from ``generator`` through ``evformer.data._tv``
+(one seed per call, torch's global RNG forked around the call and restored). Geometry is
+torchvision's: positive rotation angles turn the image counter-clockwise; positive
+translations move content right (x) and down (y); areas uncovered by a transform are
+filled with 0 (no events). Hand-written: roll (wrap-around, no torchvision op), resize
+``mode="sum"`` (event-count preserving), the policies' composition (it threads one
+generator through evformer and torchvision ops alike) and Mixup/CutMix (timm's
+batch-flip pairing, label smoothing and switch probability, which torchvision's
+``MixUp``/``CutMix`` lack).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,8 +56,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as tvf
+
+from evformer.data import _tv
+from evformer.data.seeding import seed_worker, worker_generator, worker_rng
 
 __all__ = [
     # seeding
@@ -83,61 +98,8 @@ ResizeMode = Literal["sum", "area", "nearest", "nearest-exact", "bilinear"]
 
 # ----------------------------------------------------------------------------- generators
 
-_TORCH_STREAM, _NUMPY_STREAM, _LEGACY_STREAM = 0x7A1, 0x7A2, 0x7A3
-_streams: dict[str, tuple[tuple[int, int], object]] = {}
-
-
-def _derived_seed(stream: int, bits: int = 64) -> int:
-    # Hash (process seed, stream) so the torch and NumPy streams are unrelated to each other
-    # and to torch's global generator, which DataLoader seeds with the same number.
-    state = np.random.SeedSequence([torch.initial_seed(), stream]).generate_state(1, np.uint64)[0]
-    return int(state) >> (64 - bits)
-
-
-def _cached(name: str, make: Callable[[], object]):
-    # Keyed on pid and seed: a forked worker inherits the parent's generator object, and
-    # must not replay the parent's (or a sibling's) stream.
-    key = (os.getpid(), torch.initial_seed())
-    hit = _streams.get(name)
-    if hit is None or hit[0] != key:
-        hit = (key, make())
-        _streams[name] = hit
-    return hit[1]
-
-
-def worker_generator() -> torch.Generator:
-    """This process's ``torch.Generator`` for frame transforms, seeded from torch.initial_seed().
-
-    Distinct in every DataLoader worker (whose initial seed is ``base_seed + worker_id``);
-    re-seeded when ``torch.manual_seed`` changes the initial seed in this process. Setting
-    the *same* seed again does not restart the stream (nothing observable changes); call
-    ``seed_worker(0)`` to restart it, or pass an explicit generator for full control.
-    """
-
-    def make() -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(_derived_seed(_TORCH_STREAM))
-        return g
-
-    return _cached("torch", make)
-
-
-def worker_rng() -> np.random.Generator:
-    """This process's ``np.random.Generator`` for event transforms (seeded as worker_generator)."""
-    return _cached("numpy", lambda: np.random.default_rng(_derived_seed(_NUMPY_STREAM)))
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn`` for DataLoader: fresh per-worker generators and NumPy's global seed.
-
-    evformer never draws from NumPy's global RNG; seeding it here only stops third-party
-    transforms that do (tonic's) from producing the same draws in every forked worker.
-    """
-    del worker_id  # torch.initial_seed() already differs per worker
-    _streams.clear()
-    worker_generator()
-    worker_rng()
-    np.random.seed(_derived_seed(_LEGACY_STREAM, bits=32))  # noqa: NPY002 (seeding only, see above)
+# worker_generator, worker_rng and seed_worker are defined in evformer.data.seeding (with
+# the per-sample generators) and re-exported here.
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:
@@ -220,7 +182,7 @@ def _check_range(value: Sequence[float], name: str, fn: str, *, positive: bool =
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror ``x [..., H, W]`` left-right (along W)."""
     _check_frames(x, "hflip")
-    return x.flip(-1)
+    return tvf.horizontal_flip(x)
 
 
 def roll(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -232,19 +194,14 @@ def roll(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Shift ``x [..., H, W]`` by whole pixels, filling the uncovered border with 0.
 
-    Positive ``dx`` moves content right, positive ``dy`` down; equals torchvision's
-    ``affine(translate=[dx, dy])`` with nearest sampling, without the resampling cost.
+    Positive ``dx`` moves content right, positive ``dy`` down. A crop of the frame's size
+    at ``(-dy, -dx)``: torchvision's ``crop`` zero-pads what lies outside (the
+    ``RandomCrop(padding=...)`` mechanism); equals ``affine(translate=[dx, dy])`` with
+    nearest sampling, 30x faster.
     """
     _check_frames(x, "translate")
-    dy, dx = int(dy), int(dx)
     h, w = x.shape[-2:]
-    out = torch.zeros_like(x)
-    if abs(dy) >= h or abs(dx) >= w:
-        return out
-    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
-        ..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return out
+    return tvf.crop(x, -int(dy), -int(dx), h, w)
 
 
 def rotate(
@@ -284,9 +241,8 @@ def erase(
 ) -> torch.Tensor:
     """Set rows ``[top, top+height)``, columns ``[left, left+width)`` of all frames to ``value``."""
     _check_frames(x, "erase")
-    out = x.clone()
-    out[..., int(top) : int(top) + int(height), int(left) : int(left) + int(width)] = value
-    return out
+    v = torch.tensor(value, dtype=x.dtype, device=x.device)
+    return tvf.erase(x, int(top), int(left), int(height), int(width), v)
 
 
 def resize(x: torch.Tensor, size: int | Sequence[int], *, mode: ResizeMode = "sum") -> torch.Tensor:
@@ -359,17 +315,17 @@ class Identity(FrameTransform):
 
 @dataclass(frozen=True)
 class RandomHorizontalFlip(FrameTransform):
-    """With probability ``p``, mirror all frames left-right."""
+    """With probability ``p``, mirror all frames left-right (torchvision's RandomHorizontalFlip)."""
 
     p: float = 0.5
 
     def __post_init__(self):
         object.__setattr__(self, "p", _check_prob(self.p, "RandomHorizontalFlip"))
+        object.__setattr__(self, "_op", v2.RandomHorizontalFlip(self.p))
 
     def __call__(self, x, generator=None):
         _check_frames(x, "RandomHorizontalFlip")
-        g = _generator(generator)
-        return hflip(x) if _uniform(0.0, 1.0, g) < self.p else x
+        return _tv.run_seeded(self._op, x, _generator(generator))
 
 
 @dataclass(frozen=True)
@@ -401,7 +357,9 @@ class RandomRoll(FrameTransform):
 class RandomTranslate(FrameTransform):
     """Shift by ``dx`` in ``[-max_dx, max_dx]``, ``dy`` in ``[-max_dy, max_dy]`` whole px; 0 fill.
 
-    Spikformer's TranslateX is ``RandomTranslate(max_dx=5, max_dy=0)``, TranslateY the reverse.
+    Shifts are uniform and independent: torchvision's ``RandomCrop`` of the frame's own
+    size with padding ``(max_dx, max_dy)`` (zeros). Spikformer's TranslateX is
+    ``RandomTranslate(max_dx=5, max_dy=0)``, TranslateY the reverse.
     """
 
     max_dx: int = 5
@@ -413,38 +371,55 @@ class RandomTranslate(FrameTransform):
                 self, name, _check_nonneg_int(getattr(self, name), name, "RandomTranslate")
             )
 
+    def _crop(self, height: int, width: int) -> v2.RandomCrop:
+        return _padded_crop(height, width, self.max_dx, self.max_dy)
+
     def sample(self, generator: torch.Generator | None = None) -> tuple[int, int]:
-        g = _generator(generator)
-        return _randint(-self.max_dy, self.max_dy, g), _randint(-self.max_dx, self.max_dx, g)
+        """``(dy, dx)`` that ``__call__`` applies for this generator state (any frame size)."""
+        p = _tv.draw_params(self._crop(1, 1), _tv.probe(1, 1), _generator(generator))
+        return self.max_dy - p["top"], self.max_dx - p["left"]
 
     def __call__(self, x, generator=None):
-        dy, dx = self.sample(generator)
-        return translate(x, dy, dx)
+        _check_frames(x, "RandomTranslate")
+        return _tv.run_seeded(self._crop(*x.shape[-2:]), x, _generator(generator))
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_crop(height: int, width: int, pad_x: int, pad_y: int) -> v2.RandomCrop:
+    return v2.RandomCrop((height, width), padding=[pad_x, pad_y], fill=0)
 
 
 @dataclass(frozen=True)
 class RandomRotate(FrameTransform):
-    """Rotate by an angle uniform in ``[-degrees, degrees]`` (counter-clockwise positive)."""
+    """Rotate by an angle uniform in ``[-degrees, degrees]`` (counter-clockwise positive)
+    about the centre, 0 fill: torchvision's ``RandomRotation``."""
 
     degrees: float = 30.0
     interpolation: Interpolation = "nearest"
 
     def __post_init__(self):
         object.__setattr__(self, "degrees", _check_nonneg(self.degrees, "degrees", "RandomRotate"))
-        _interp(self.interpolation, "RandomRotate")
+        mode = _interp(self.interpolation, "RandomRotate")
+        object.__setattr__(
+            self, "_op", v2.RandomRotation(self.degrees, interpolation=mode, fill=0.0)
+        )
 
     def sample(self, generator: torch.Generator | None = None) -> float:
-        return _uniform(-self.degrees, self.degrees, _generator(generator))
+        """The angle ``__call__`` applies for this generator state."""
+        return _tv.draw_params(self._op, _tv.probe(1, 1), _generator(generator))["angle"]
 
     def __call__(self, x, generator=None):
-        return rotate(x, self.sample(generator), interpolation=self.interpolation)
+        _check_frames(x, "RandomRotate")
+        return _tv.run_seeded(self._op, x, _generator(generator))
 
 
 @dataclass(frozen=True)
 class RandomShearX(FrameTransform):
     """Shear along x by an angle uniform in ``[-degrees, degrees]`` (degrees, torchvision's shear).
 
-    NDA: ``degrees=30``. Spikformer: ±0.3 rad, i.e. ``degrees=math.degrees(0.3)`` (17.19).
+    torchvision's ``RandomAffine(degrees=0, shear=(-degrees, degrees))`` (about the
+    centre, 0 fill). NDA: ``degrees=30``. Spikformer: ±0.3 rad, i.e.
+    ``degrees=math.degrees(0.3)`` (17.19).
     """
 
     degrees: float = 30.0
@@ -454,23 +429,30 @@ class RandomShearX(FrameTransform):
         object.__setattr__(self, "degrees", _check_nonneg(self.degrees, "degrees", "RandomShearX"))
         if self.degrees >= 90:
             raise ValueError(f"RandomShearX: degrees must be < 90, got {self.degrees}")
-        _interp(self.interpolation, "RandomShearX")
+        mode = _interp(self.interpolation, "RandomShearX")
+        shear = (-self.degrees, self.degrees)
+        object.__setattr__(
+            self, "_op", v2.RandomAffine(0.0, shear=shear, interpolation=mode, fill=0.0)
+        )
 
     def sample(self, generator: torch.Generator | None = None) -> float:
-        return _uniform(-self.degrees, self.degrees, _generator(generator))
+        """The shear angle ``__call__`` applies for this generator state."""
+        params = _tv.draw_params(self._op, _tv.probe(1, 1), _generator(generator))
+        return params["shear"][0]
 
     def __call__(self, x, generator=None):
-        return shear_x(x, self.sample(generator), interpolation=self.interpolation)
+        _check_frames(x, "RandomShearX")
+        return _tv.run_seeded(self._op, x, _generator(generator))
 
 
 @dataclass(frozen=True)
 class RandomErasing(FrameTransform):
     """With probability ``p``, set one random box of every frame to ``value`` (cutout).
 
-    The box follows torchvision's ``RandomErasing`` rule: area ``U(scale) * H * W``,
-    aspect ratio ``h / w`` log-uniform in ``ratio``, ``h = round(sqrt(area * ratio))``,
-    ``w = round(sqrt(area / ratio))``, position uniform; up to 10 tries for a box that
-    fits, else nothing is erased. Spikformer's CIFAR10-DVS cutout is
+    torchvision's ``RandomErasing``: area ``U(scale) * H * W``, aspect ratio ``h / w``
+    log-uniform in ``ratio``, ``h = round(sqrt(area * ratio))``, ``w = round(sqrt(area /
+    ratio))``, position uniform; up to 10 tries for a box smaller than the frame, else
+    nothing is erased. Spikformer's CIFAR10-DVS cutout is
     ``RandomErasing(p=1, scale=(0.001, 0.11), ratio=(1, 1))``. Same box for all frames.
     """
 
@@ -487,29 +469,23 @@ class RandomErasing(FrameTransform):
             raise ValueError(f"{fn}: scale is a fraction of the frame area, got {self.scale!r}")
         object.__setattr__(self, "scale", (lo, hi))
         object.__setattr__(self, "ratio", _check_range(self.ratio, "ratio", fn, positive=True))
+        object.__setattr__(
+            self,
+            "_op",
+            v2.RandomErasing(self.p, scale=self.scale, ratio=self.ratio, value=self.value),
+        )
 
     def sample(
         self, height: int, width: int, generator: torch.Generator | None = None
     ) -> tuple[int, int, int, int] | None:
-        """``(top, left, h, w)`` of the box for a ``height x width`` frame, or None (no erase)."""
-        g = _generator(generator)
-        if not _uniform(0.0, 1.0, g) < self.p:
-            return None
-        area = height * width
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for _ in range(10):
-            target = area * _uniform(self.scale[0], self.scale[1], g)
-            aspect = math.exp(_uniform(log_lo, log_hi, g))
-            h = int(round(math.sqrt(target * aspect)))
-            w = int(round(math.sqrt(target / aspect)))
-            if 0 < h < height and 0 < w < width:
-                return _randint(0, height - h, g), _randint(0, width - w, g), h, w
-        return None
+        """``(top, left, h, w)`` that ``__call__`` erases in a ``height x width`` frame for
+        this generator state, or None (no erase)."""
+        p = _tv.draw_params(self._op, _tv.probe(height, width), _generator(generator))
+        return None if p is None or p["v"] is None else (p["i"], p["j"], p["h"], p["w"])
 
     def __call__(self, x, generator=None):
         _check_frames(x, "RandomErasing")
-        box = self.sample(x.shape[-2], x.shape[-1], generator)
-        return x if box is None else erase(x, *box, value=self.value)
+        return _tv.run_seeded(self._op, x, _generator(generator))
 
 
 @dataclass(frozen=True)
