@@ -8,6 +8,7 @@ from evformer._lazy import lazy_exports
 _LAZY: dict[str, str] = {
     # cache.py
     "CACHE_FORMAT_VERSION": "cache",
+    "CacheCorruptError": "cache",
     "CachePreparationError": "cache",
     "EventCache": "cache",
     "FrameCache": "cache",

@@ -320,7 +320,8 @@ class RecordingDataset(EventFrameDataset):
     the dataset name, the split and ``params()``, and opens
     ``<cache_dir>/<cache_name>-<split>.h5``, preparing it first (``loader()`` over the
     sources in ``num_workers`` processes) unless a current one exists: a changed file or
-    parameter rebuilds it. ``cache_dir`` defaults to ``<root>/<cache_folder>``.
+    parameter rebuilds it. ``cache_dir`` defaults to ``<root>/<cache_folder>``; it must be
+    writable only when the cache is (re)built (a current cache on a read-only root is read).
     ``skip_bad`` skips unreadable sources (warned about, listed in ``self.skipped``);
     a cache that skipped sources is refused without it. ``n_frames``, ``split_by``,
     ``transform``, ``event_transform``, ``resize``, ``cache_frames``: see
@@ -365,8 +366,10 @@ class RecordingDataset(EventFrameDataset):
         files = [f for s in sources for f in _files_of(s)]
         fp = fingerprint([*files, json.dumps(params, sort_keys=True)], root=self.root)
         folder = Path(cache_dir) if cache_dir is not None else self.root / self.cache_folder
-        path = _writable_dir(folder) / f"{self.cache_name}-{split}.h5"
+        path = folder / f"{self.cache_name}-{split}.h5"
         if not cache_is_current(path, fp):
+            # Only a (re)build writes: a current cache on a read-only root is simply read.
+            _writable_dir(folder)
             self.before_prepare(sources)
         cache = ensure_event_cache(
             path,

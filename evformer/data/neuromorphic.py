@@ -94,24 +94,34 @@ def _read_labels_csv(path: Path) -> np.ndarray:
         raise ValueError(
             f"{path}: expected the header 'class,startTime_usec,endTime_usec' on line 1"
         )
+    if len(lines) == 1:
+        raise ValueError(
+            f"{path}: no label rows (only the header): the recording would give no samples"
+        )
     rows = []
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
     for k, ln in enumerate(lines[1:], start=2):
         parts = [s.strip() for s in ln.split(",")]
         try:
             if len(parts) != 3:
                 raise ValueError
-            rows.append([int(v) for v in parts])
+            values = [int(v) for v in parts]
         except ValueError:
             raise ValueError(
                 f"{path}: line {k}: expected 'class,startTime_usec,endTime_usec' integers, "
                 f"got {ln!r}"
             ) from None
+        if not all(lo <= v <= hi for v in values):
+            raise ValueError(f"{path}: line {k}: a value of {ln!r} exceeds the int64 range")
+        rows.append(values)
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
     for k, (c, s, e) in enumerate(arr, start=2):
         if not 1 <= c <= len(DVS_GESTURE_CLASSES):
             raise ValueError(f"{path}: line {k}: class {c} outside 1..{len(DVS_GESTURE_CLASSES)}")
-        if e < s:
-            raise ValueError(f"{path}: line {k}: endTime_usec {e} < startTime_usec {s}")
+        if e <= s:
+            raise ValueError(
+                f"{path}: line {k}: endTime_usec {e} <= startTime_usec {s} (an empty sample)"
+            )
     return arr
 
 
@@ -122,7 +132,9 @@ def load_dvsgesture_recording(source: tuple[str | os.PathLike, str | os.PathLike
     ``start <= t < end`` (AEDAT clock, µs), timestamps rebased so the sample starts at
     ``t = start`` -> 0, label ``class - 1``. Returns ``[(events, label), ...]`` in CSV row
     order, events as contiguous columns ``{"t": int64 µs, "x", "y": int16, "p": int8}``.
-    Raises ``AedatError`` / ``ValueError`` naming the file.
+    Raises ``AedatError`` / ``ValueError`` naming the file (and the rows): a labels file
+    without rows, a row with ``end <= start`` or one that selects no events (beyond the
+    recording, wrong units) makes the recording unusable, so ``skip_bad`` may skip it.
     """
     from evformer.events import read_aedat31
 
@@ -132,6 +144,17 @@ def load_dvsgesture_recording(source: tuple[str | os.PathLike, str | os.PathLike
     t = events["t"]
     lo = np.searchsorted(t, rows[:, 1], side="left")
     hi = np.searchsorted(t, rows[:, 2], side="left")
+    empty = np.flatnonzero(hi <= lo)
+    if empty.size:
+        span = f"[{t[0]}, {t[-1]}] µs" if t.size else "no events"
+        lines = ", ".join(f"line {k + 2} ({rows[k, 1]}..{rows[k, 2]})" for k in empty[:5]) + (
+            " ..." if empty.size > 5 else ""
+        )
+        raise ValueError(
+            f"{csv}: {empty.size} of {len(rows)} label rows select no events of "
+            f"{aedat.name} (recording spans {span}): {lines}. Check the file pairing and "
+            "the units (µs on the recording's clock)"
+        )
     out = []
     for (c, start, _end), a, b in zip(rows, lo, hi):
         # Contiguous columns (what the cache stores): one copy of 13 B/event, no
@@ -253,7 +276,8 @@ def cifar10dvs_split(
     the first ``ceil(train_fraction * n)`` are ``"train"``, the rest ``"test"``
     (Spikformer's split through spikingjelly's ``split_to_train_test_set``: 9000 / 1000
     on the real data); ``"all"`` returns every file. Classes in ``CIFAR10_DVS_CLASSES``
-    order, label = class index.
+    order, label = class index. A class left without a file in the split (e.g. 9 files
+    or fewer: none for "test") raises ``ValueError`` naming the split and the class.
     """
     folder = Path(folder)
     if split not in ("train", "test", "all"):
@@ -279,6 +303,13 @@ def cifar10dvs_split(
         # Same float expression as spikingjelly, so any fraction splits identically.
         n_train = math.ceil(len(files) * train_fraction)
         chosen = {"train": files[:n_train], "test": files[n_train:], "all": files}[split]
+        if not chosen:
+            raise ValueError(
+                f"CIFAR10-DVS: the {split!r} split gets no recording of class {cls!r}: {d} "
+                f"holds {len(files)} .aedat files and train_fraction={train_fraction} puts "
+                f"ceil({train_fraction} * {len(files)}) = {n_train} of them in 'train'. "
+                "Restore the missing recordings (1000 per class) or change train_fraction."
+            )
         out.extend((d / name, label) for name in chosen)
     return out
 

@@ -18,7 +18,9 @@ with ``weights_only=True`` (the default since torch 2.6).
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,18 +112,51 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    why_not = _not_a_checkpoint(path)
+    if why_not is not None:
+        raise ValueError(
+            f"{path} is not a checkpoint: {why_not}. torch.save writes a ZIP archive holding "
+            "data.pkl; a truncated or partly downloaded file looks like this too: copy it again."
+        )
     try:
         with torch.serialization.safe_globals(list(trusted_types)):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
         raise ValueError(
             f"cannot load checkpoint {path} with torch.load(weights_only=True): {e}. "
             "It pickles Python objects beyond tensors and plain containers; load it yourself "
             "if you trust it and save its state dict with torch.save(model_state, path)."
         ) from e
+    except Exception as e:  # a damaged archive or stream
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); copy it again"
+        ) from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file, or None when it may be one."""
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"a damaged ZIP archive ({e})"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "a ZIP archive without the data.pkl torch.save writes"
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return None  # a pickle stream: torch's legacy (pre-1.6) format
+    return f"neither torch.save's ZIP format nor a pickle ({size} bytes starting {head!r})"
 
 
 def model_state_from(ckpt: dict, *, path: str | os.PathLike = "<checkpoint>") -> dict:
