@@ -103,9 +103,29 @@ def _input(model, size, batch=2, seed=0, events=False, dtype=torch.float32):
     return 2 * torch.rand(batch, C, size, size, generator=g, dtype=dtype)
 
 
+def _mae_contract(name: str) -> None:
+    """A masked autoencoder's own contract: ``loss, pred, mask = model(x, generator=g)``."""
+    model, size = _tiny(name, num_heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    x = _input(model, size)
+    model.train()
+    loss, pred, mask = model(x, generator=torch.Generator().manual_seed(0))
+    p, C = model.patch_size, model.config.in_channels
+    L = (size // p) ** 2
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert pred.shape == (2, L, p * p * C) and torch.isfinite(pred).all()
+    assert mask.shape == (2, L) and set(mask.unique().tolist()) == {0.0, 1.0}
+    loss.backward()
+    no_grad = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.isfinite().all()
+    ]
+    assert not no_grad, f"parameters without a gradient: {no_grad}"
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_forward_backward_and_step_modes(name):
     torch.manual_seed(0)
+    if name.startswith("mae_"):
+        return _mae_contract(name)
     model, size = _tiny(name)
     events = model.config.in_channels == 2
     x = _input(model, size, events=events)

@@ -9,4 +9,5 @@ BENCHMARKS = {
     "readers": "AEDAT 3.1 / 2.0 parsing against tonic and spikingjelly",
     "dataset": "dataset preparation and loading against spikingjelly and tonic",
     "model": "Spikformer training step time and memory against spikingjelly",
+    "mae": "masked-pretraining step time and memory against the dense step",
 }

@@ -29,6 +29,18 @@ gradient run over the spikes only (:mod:`evformer.kernels.numba_sparse`; the wor
 with the spike count) and the input is kept for the backward pass by rows (CSR), which is
 smaller than uint8 at such densities. The input gradient stays a dense oneDNN product.
 
+Sparse convolution and sparse BatchNorm (masked pretraining, SparK / ConvMAE): a conv unit
+may be given the *visible* rows of its output (``[Rv]`` indices into the ``R = B*H'*W'``
+positions of one time step, the same rows at every step). Its product is then computed for
+the visible output rows only: event-driven over the input spikes when they are sparse
+enough (the zeros at masked positions lower the density), else a gather and a matrix
+product per kernel tap (:class:`_VisibleTaps`); the weight gradient likewise, the input
+gradient per tap from the visible rows' output gradient. BatchNorm statistics, running
+statistics and the LIF run on the visible rows; every masked position gets BN output 0,
+membrane 0 and no spike (and gradient 0). The work scales with the visible fraction. The
+kernel sets need no mask argument (the unit gathers and scatters rows around them), so
+every fused backend takes the mask.
+
 Shapes: conv units take ``[T, B, C, H, W]`` and compute in channels-last memory; linear
 units take ``[T, ..., C]``; everything is time first.
 """
@@ -139,6 +151,9 @@ class SynapseSpec:
     padding: int = 0
     pool: bool = False  # 3x3 / stride 2 / pad 1 max-pool on the spikes (SPS)
     recompute: bool = False  # recompute Y in backward instead of storing it
+    # visible output rows ``[Rv]`` (int64 indices into B*H'*W', same rows at every time
+    # step): sparse BatchNorm + LIF on those rows only, zeros elsewhere (conv units only)
+    visible_rows: torch.Tensor | None = None
 
 
 def _conv_view(t2: torch.Tensor, groups: int) -> torch.Tensor:
@@ -212,6 +227,77 @@ def _conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+#: fewest input channels at which a masked conv computes its visible rows per kernel tap
+#: (below, one dense product and a gather of the visible rows is faster)
+_TAPS_MIN_CHANNELS = 16
+
+
+@dataclass
+class _VisibleTaps:
+    """Where each kernel tap of a conv reads for the visible output rows.
+
+    The input ``[TB, H, W, Cin]`` is zero-padded to ``[TB, Hp, Wp, Cin]`` and seen as rows
+    ``[TB*Hp*Wp, Cin]``; visible output row ``(t, r)`` (``r`` into ``B*Ho*Wo``, the same rows
+    at every step) reads row ``base[t*Rv + i] + offsets[k]`` for tap ``k = kh*KW + kw``.
+    """
+
+    base: torch.Tensor  # [T*Rv] int64
+    offsets: tuple[int, ...]
+    padding: int
+    in_shape: tuple[int, int, int, int]  # TB, H, W, Cin
+    out_hw: tuple[int, int]  # Ho, Wo
+
+    @classmethod
+    def build(cls, vis, T: int, B: int, in_shape, kernel, stride: int, padding: int):
+        TB, H, W, _ = in_shape
+        KH, KW = kernel
+        Ho, Wo = _conv_out_size(H, KH, stride, padding), _conv_out_size(W, KW, stride, padding)
+        Hp, Wp = H + 2 * padding, W + 2 * padding
+        b, rem = vis // (Ho * Wo), vis % (Ho * Wo)
+        ho, wo = rem // Wo, rem % Wo
+        tb = torch.arange(T, device=vis.device).view(T, 1) * B + b.view(1, -1)
+        base = ((tb * Hp + ho * stride) * Wp + wo * stride).reshape(-1)
+        offsets = tuple(kh * Wp + kw for kh in range(KH) for kw in range(KW))
+        return cls(base, offsets, padding, tuple(in_shape), (Ho, Wo))
+
+    def padded_rows(self, x_phys: torch.Tensor) -> torch.Tensor:
+        """``[TB, H, W, Cin]`` -> zero-padded rows ``[TB*Hp*Wp, Cin]``."""
+        p = self.padding
+        xp = F.pad(x_phys, (0, 0, p, p, p, p)) if p else x_phys.contiguous()
+        return xp.reshape(-1, x_phys.shape[-1])
+
+    def forward(self, x_phys: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """The conv at the visible output rows: ``[T*Rv, Cout]``."""
+        xr = self.padded_rows(x_phys)
+        wt = weight.permute(2, 3, 1, 0).reshape(len(self.offsets), *weight.shape[1::-1])
+        if bias is None:
+            y = xr.new_zeros(self.base.numel(), weight.shape[0])
+        else:
+            y = bias.to(xr.dtype).expand(self.base.numel(), -1).clone()
+        for k, off in enumerate(self.offsets):
+            y.addmm_(xr.index_select(0, self.base + off), wt[k])
+        return y
+
+    def backward(self, x_phys, weight, gy, need_x: bool, need_w: bool):
+        """(input gradient ``[TB, H, W, Cin]`` or None, weight gradient or None) for the
+        output gradient ``gy [T*Rv, Cout]`` at the visible rows."""
+        Cout, Cin, KH, KW = weight.shape
+        wt = weight.permute(2, 3, 1, 0).reshape(KH * KW, Cin, Cout)
+        grad_x = grad_w = None
+        if need_w:
+            xr = self.padded_rows(x_phys)
+            gw = torch.stack([xr.index_select(0, self.base + o).t().mm(gy) for o in self.offsets])
+            grad_w = gw.view(KH, KW, Cin, Cout).permute(3, 2, 0, 1).contiguous()
+        if need_x:
+            TB, H, W, _ = self.in_shape
+            p = self.padding
+            gxp = gy.new_zeros(TB * (H + 2 * p) * (W + 2 * p), Cin)
+            for k, off in enumerate(self.offsets):  # rows of one tap are distinct
+                gxp.index_add_(0, self.base + off, gy.mm(wt[k].t()))
+            grad_x = gxp.view(TB, H + 2 * p, W + 2 * p, Cin)[:, p : p + H, p : p + W]
+        return grad_x, grad_w
+
+
 def _product(
     spec: SynapseSpec, kernels, x_phys, rows, phys_shape, w_c, b_c, groups: int
 ) -> torch.Tensor:
@@ -238,6 +324,21 @@ def _product(
     return out.permute(0, 3, 1, 2)
 
 
+def _visible_product(spec, kernels, x_phys, rows, taps, w_c, b_c, T: int, vis) -> torch.Tensor:
+    """A masked conv unit's product at the visible output rows, ``[T, Rv, Cout]``:
+    event-driven over the input spikes when ``rows`` is given (the work scales with the
+    spikes, which are 0 at masked positions), else one matrix product per kernel tap over the
+    visible rows."""
+    Cout, Cin = w_c.shape[:2]
+    if rows is None and Cin >= _TAPS_MIN_CHANNELS:
+        return taps.forward(x_phys.to(w_c.dtype), w_c, b_c).view(T, -1, Cout)
+    # event-driven, or a dense product for few input channels (a first layer on 2-3
+    # channels: per-tap matrix products of inner size Cin are slower than one dense conv)
+    x_in = None if rows is not None else x_phys.to(w_c.dtype)
+    y = _product(spec, kernels, x_in, rows, taps.in_shape, w_c, b_c, 1)
+    return y.permute(0, 2, 3, 1).reshape(T, -1, Cout).index_select(1, vis)
+
+
 class _SynapseBNLIF(torch.autograd.Function):
     """Under autocast the conv/linear products (forward and backward) run in the autocast
     dtype, as autocast would run them, while BatchNorm statistics and the LIF kernels work in
@@ -261,7 +362,8 @@ class _SynapseBNLIF(torch.autograd.Function):
                 x4 = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
                 x_phys = x4.permute(0, 2, 3, 1)  # [TB, H, W, Cin], contiguous
             # keep the input for backward as spike rows (sparse), uint8 counts, or floats
-            rows = packed_x = None
+            rows = packed_x = taps = None
+            vis = spec.visible_rows
             if _sparse_ok(kernels, x, cdt):
                 scan = kernels.scan_counts(x_phys.reshape(-1, x_phys.shape[-1]))
                 if scan is not None:
@@ -272,13 +374,22 @@ class _SynapseBNLIF(torch.autograd.Function):
                         packed_x = packed2.view(x_phys.shape)
             elif needs_grad:
                 packed_x = kernels.pack(x_phys)
-            y = _product(spec, kernels, x_phys.to(cdt), rows, x_phys.shape, w_c, b_c, groups)
-            if spec.kind == "linear":
-                C = y.shape[1]
-                y3 = y.view(x.shape[0], -1, C)
+            if vis is not None:
+                taps = _VisibleTaps.build(
+                    vis, T, B, tuple(x_phys.shape), tuple(w_c.shape[2:]), spec.stride,
+                    spec.padding,
+                )  # fmt: skip
+                C, (Ho, Wo) = w_c.shape[0], taps.out_hw
+                TB, R = T * B, B * Ho * Wo
+                y3 = _visible_product(spec, kernels, x_phys, rows, taps, w_c, b_c, T, vis)
             else:
-                TB, C, Ho, Wo = y.shape
-                y3 = y.permute(0, 2, 3, 1).reshape(T, -1, C)  # a view: NHWC is the memory order
+                y = _product(spec, kernels, x_phys.to(cdt), rows, x_phys.shape, w_c, b_c, groups)
+                if spec.kind == "linear":
+                    C = y.shape[1]
+                    y3 = y.view(x.shape[0], -1, C)
+                else:
+                    TB, C, Ho, Wo = y.shape
+                    y3 = y.permute(0, 2, 3, 1).reshape(T, -1, C)  # a view: NHWC memory order
             y3k = y3.to(kdt)
             mean64, invstd64 = _bn_forward(y3k.view(-1, C), spec.bn, kernels)
             mean = mean64.to(kdt)
@@ -286,6 +397,9 @@ class _SynapseBNLIF(torch.autograd.Function):
             shift = (bn_bias.detach().to(kdt) - mean * scale).contiguous()
             want_packed = needs_grad and spec.pool
             spikes3, packed3 = kernels.bn_lif_forward(y3k, scale, shift, spec.lif, want_packed)
+            if vis is not None:  # masked positions: no input, membrane 0, no spike
+                full = spikes3.new_zeros(spikes3.shape[0], R, C)
+                spikes3 = full.index_copy_(1, vis, spikes3)
             if spec.kind == "linear":
                 out = spikes3.view(*lead, C)
             else:
@@ -317,6 +431,7 @@ class _SynapseBNLIF(torch.autograd.Function):
             ctx.has_bias = bias is not None
             ctx.x_rows = rows is not None
             ctx.shapes = (tuple(x.shape), tuple(x_phys.shape), tuple(spikes3.shape))
+            ctx.visible_rows, ctx.taps = vis, taps
             ctx.groups = groups
             if spec.kind == "conv":
                 ctx.conv_shape = (T, B, TB, C, Ho, Wo)
@@ -361,7 +476,13 @@ class _SynapseBNLIF(torch.autograd.Function):
                 own_buffer = True
             else:
                 gs3 = g4.permute(0, 2, 3, 1).reshape(s_shape)
-        if spec.recompute:
+        vis = ctx.visible_rows
+        if vis is not None:  # the visible rows only (a fresh buffer: may be overwritten)
+            gs3 = gs3.index_select(1, vis)
+            own_buffer = True
+        if spec.recompute and vis is not None:
+            y3 = _visible_product(spec, kernels, x_phys, rows, ctx.taps, w_c, b_c, s_shape[0], vis)
+        elif spec.recompute:
             y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
             y3 = (y if spec.kind == "linear" else y.permute(0, 2, 3, 1)).reshape(s_shape)
         else:
@@ -397,9 +518,21 @@ class _SynapseBNLIF(torch.autograd.Function):
             # for the batch mean (training) while b = d = 0 in eval: no pass over dL/dY needed
             grad_b = (a * sum_g + M * d).to(weight.dtype).to(dev)
         x_like = x_phys
-        if x_like is None and need_x:  # oneDNN reads only the shape and memory format
+        if x_like is None and need_x and vis is None:  # oneDNN reads only shape and layout
             x_like = torch.empty(phys_shape, dtype=cdt, device=dev)
-        if spec.kind == "linear":
+        if vis is not None:  # dL/dY at the visible rows only (masked rows: BN output is 0)
+            gx, grad_w = ctx.taps.backward(x_phys, w_c, gy2, need_x, need_w and rows is None)
+            if gx is not None:
+                grad_x = gx.permute(0, 3, 1, 2).unflatten(0, ctx.conv_shape[:2])
+            if need_w and rows is not None:  # event-driven, over the input spikes
+                H, W = phys_shape[1:3]
+                s, p = (spec.stride, spec.stride), (spec.padding, spec.padding)
+                gy_full = gy2.new_zeros(s_shape).index_copy_(1, vis, gy2.view(y3.shape))
+                gw = kernels.sparse_conv_weight_grad(
+                    rows, TB, H, W, gy_full.view(TB, Ho, Wo, C), tuple(w_c.shape[2:]), s, p
+                )
+                grad_w = gw.permute(3, 2, 0, 1).contiguous()
+        elif spec.kind == "linear":
             if need_w:
                 if rows is None:
                     grad_w = gy2.t().mm(x_phys)
@@ -467,8 +600,14 @@ def synapse_bn_lif(
     """Fused ``conv|linear -> BatchNorm -> LIF [-> max-pool]`` (see module docstring).
 
     ``x``: ``[T, B, Cin, H, W]`` (conv) or ``[T, ..., Cin]`` (linear); returns spikes
-    ``[T, B, C, H', W']`` (a channels-last view) or ``[T, ..., C]``.
+    ``[T, B, C, H', W']`` (a channels-last view) or ``[T, ..., C]``. With
+    ``spec.visible_rows`` (conv, no pool) the unit is a sparse conv + sparse BatchNorm.
     """
+    if spec.visible_rows is not None and (spec.kind != "conv" or spec.pool):
+        raise ValueError(
+            "visible rows (sparse conv + BatchNorm) need a conv unit without max-pool, got "
+            f"kind={spec.kind!r}, pool={spec.pool}"
+        )
     params = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*params, bn.weight, bn.bias)

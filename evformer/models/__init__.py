@@ -34,6 +34,17 @@ _LAZY: dict[str, str] = {
     "model_config": "registry",
     "register_model": "registry",
     "PAPER_PARAMS": "registry",
+    # masked-autoencoder pretraining
+    "SpikformerMAE": "mae",
+    "SpikformerMAEConfig": "mae",
+    "MAEDecoder": "mae",
+    "Masking": "mae",
+    "random_masking": "mae",
+    "upsample_mask": "mae",
+    "patchify": "mae",
+    "unpatchify": "mae",
+    "sincos_pos_embed_2d": "mae",
+    "mae_loss": "mae",
     # official checkpoints, energy
     "load_official_checkpoint": "official",
     "convert_official_state_dict": "official",

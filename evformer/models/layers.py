@@ -43,6 +43,7 @@ __all__ = [
     "SCSStage",
     "SpikingSelfAttention",
     "combine_residual",
+    "sparse_batch_norm",
 ]
 
 #: attention variants of Table I: spiking SSA, float q k^T (A_I), ReLU / LeakyReLU of float
@@ -69,6 +70,39 @@ def combine_residual(branch: torch.Tensor, shortcut: torch.Tensor, mode: str, ba
     raise ValueError(f"residual must be one of {RESIDUALS} (or 'none' in the stem), got {mode!r}")
 
 
+def _visible_index(visible: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Validate a visible map ``[B, H', W']`` against an output ``[T*B, C, H', W']`` ->
+    bool ``[B, H', W']`` (1 / True = visible)."""
+    TB, _, Ho, Wo = shape
+    if visible.dim() != 3 or visible.shape[1:] != (Ho, Wo) or TB % visible.shape[0]:
+        raise ValueError(
+            f"visible must be [B, H', W'] at the output resolution {Ho}x{Wo} of a "
+            f"[T*B={TB}, C, {Ho}, {Wo}] conv output, got shape {tuple(visible.shape)}"
+        )
+    return visible if visible.dtype == torch.bool else visible != 0
+
+
+def sparse_batch_norm(
+    y: torch.Tensor, visible: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm
+) -> torch.Tensor:
+    """SparK's sparse BatchNorm: ``y [T*B, C, H', W']`` normalised over its visible positions
+    only (``visible [B, H', W']``, 1 = visible, the same map at every time step, in the
+    (T, B) order of ``y``'s first axis); masked positions come out exactly 0.
+
+    The visible positions are gathered as ``[T*B*n_vis, C]`` rows and run through ``bn``
+    itself, so training uses (and running statistics are updated with, momentum and unbiased
+    variance) the visible positions' statistics, and eval uses the running statistics,
+    exactly as ``nn.BatchNorm`` on those rows.
+    """
+    keep = _visible_index(visible, tuple(y.shape))
+    TB, C = y.shape[:2]
+    idx = keep.expand(TB // keep.shape[0], *keep.shape).reshape(TB, *keep.shape[1:])
+    y_nhwc = y.permute(0, 2, 3, 1)
+    rows = y_nhwc[idx]  # [n, C] in (T, B, h, w) order
+    z = bn(rows.view(*rows.shape, 1, 1)).view(rows.shape)
+    return torch.zeros_like(y_nhwc).index_put((idx,), z).permute(0, 3, 1, 2)
+
+
 class _SynapseBNLIF(nn.Module):
     """Shared forward logic of :class:`ConvBNLIF` and :class:`LinearBNLIF`."""
 
@@ -78,8 +112,11 @@ class _SynapseBNLIF(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dispatch(x)
+
+    def _dispatch(self, x: torch.Tensor, *extra) -> torch.Tensor:
         backend = _fused_backend(self.lif.backend, x)
-        out = self._reference(x) if backend is None else self._fused(x, backend)
+        out = self._reference(x, *extra) if backend is None else self._fused(x, backend, *extra)
         if _energy.probing():
             _energy.record_synapse(self, x, out)
         return out
@@ -92,6 +129,12 @@ class ConvBNLIF(_SynapseBNLIF):
     ``recompute`` (default: when a conv output element costs at most 64 multiply-adds, i.e.
     a first layer on 2-3 input channels) recomputes the conv in the backward pass instead
     of storing its output.
+
+    ``forward(x, visible=None)``: with ``visible [B, H', W']`` (1 = visible, at the output
+    resolution, the same map at every time step) the unit is a sparse conv + sparse
+    BatchNorm (masked pretraining): BatchNorm statistics and running statistics come from
+    the visible positions only (:func:`sparse_batch_norm`), and every masked position gets
+    BatchNorm output 0, membrane potential 0 and no spike. Not with ``pool``.
     """
 
     kind = "conv"
@@ -122,15 +165,39 @@ class ConvBNLIF(_SynapseBNLIF):
     def extra_repr(self) -> str:
         return f"pool={self.pool}, recompute={self.recompute}"
 
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        if visible is None:
+            return self._dispatch(x)
+        if self.pool:
+            raise ValueError(
+                "ConvBNLIF: a visible map (sparse conv + BatchNorm) cannot be combined with "
+                "max-pool (pool=True); masked pretraining uses the SCS stem"
+            )
+        if visible.dim() != 3 or visible.shape[0] != x.shape[1]:
+            raise ValueError(
+                f"ConvBNLIF: visible must be [B, H', W'] with B = {x.shape[1]} (input "
+                f"{tuple(x.shape)}), got shape {tuple(visible.shape)}"
+            )
+        return self._dispatch(x, visible)
+
+    def _reference(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         T, B = x.shape[:2]
-        y = self.bn(self.conv(x.flatten(0, 1)))
+        y = self.conv(x.flatten(0, 1))
+        y = self.bn(y) if visible is None else sparse_batch_norm(y, visible, self.bn)
         s = self.lif(y.unflatten(0, (T, B)))
         if self.pool:
             s = F.max_pool2d(s.flatten(0, 1), 3, 2, 1).unflatten(0, (T, B))
         return s
 
-    def _fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def _fused(
+        self, x: torch.Tensor, backend: str, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        rows = None
+        if visible is not None:
+            Ho = _conv_out(x.shape[3], self.conv, 0)
+            Wo = _conv_out(x.shape[4], self.conv, 1)
+            keep = _visible_index(visible, (x.shape[0] * x.shape[1], 0, Ho, Wo))
+            rows = keep.reshape(-1).nonzero().squeeze(1)  # into B*H'*W', row-major
         spec = SynapseSpec(
             kind="conv",
             bn=self.bn,
@@ -140,6 +207,7 @@ class ConvBNLIF(_SynapseBNLIF):
             padding=self.conv.padding[0],
             pool=self.pool,
             recompute=self.recompute,
+            visible_rows=rows,
         )
         return synapse_bn_lif(x, self.conv.weight, self.conv.bias, self.bn, spec)
 
@@ -147,13 +215,13 @@ class ConvBNLIF(_SynapseBNLIF):
         """Multiply-accumulates of the conv for one call (all T, B), input ``x_shape``."""
         T, B = x_shape[:2]
         k = self.conv.kernel_size[0] * self.conv.kernel_size[1]
-        Ho = (x_shape[3] + 2 * self.conv.padding[0] - self.conv.kernel_size[0]) // self.conv.stride[
-            0
-        ] + 1
-        Wo = (x_shape[4] + 2 * self.conv.padding[1] - self.conv.kernel_size[1]) // self.conv.stride[
-            1
-        ] + 1
+        Ho, Wo = _conv_out(x_shape[3], self.conv, 0), _conv_out(x_shape[4], self.conv, 1)
         return T * B * self.conv.out_channels * self.conv.in_channels * k * Ho * Wo
+
+
+def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
+    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
+    return (size + 2 * p - k) // s + 1
 
 
 class LinearBNLIF(_SynapseBNLIF):
@@ -243,6 +311,10 @@ class SCSStage(nn.Module):
     ``r = LIF(BN(Conv3x3 4C->C (LIF(BN(Conv3x3 C->4C (s))))))`` follows, and the stage returns
     ``s + r`` (``residual="add"``), ``(1 - r) * s`` (``"iand"``, stays binary) or ``r``
     (``"none"``). Every conv after the first sees spikes; no conv has a bias.
+
+    ``forward(x, visible=None)``: ``visible [B, H/2, W/2]`` (1 = visible, the stage's output
+    resolution) makes all three units sparse (:class:`ConvBNLIF`); the residual of zeros
+    stays zero, so the stage output is 0 at every masked position.
     """
 
     def __init__(
@@ -266,9 +338,9 @@ class SCSStage(nn.Module):
         self.residual = residual
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.down(x)
-        r = self.fc2(self.fc1(s))
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.down(x, visible)
+        r = self.fc2(self.fc1(s, visible), visible)
         if self.residual == "none":
             return r
         return combine_residual(r, s, self.residual, self.backend)

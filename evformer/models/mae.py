@@ -1,7 +1,8 @@
 """Masked-autoencoder pieces for Spikformer V2 pretraining (paper section 4.2).
 
-Split as MAE splits its model (masking, encoder, decoder, loss). This module holds the
-parts that do not depend on the spiking encoder:
+Split as MAE splits its model (masking, encoder, decoder, loss): :class:`SpikformerMAE`
+wraps any Spikformer V2 encoder (registered as ``mae_spikformer_v2_*``). The parts that do
+not depend on the spiking encoder:
 
 - :func:`random_masking`: MAE's per-sample random masking of the ``L`` tokens, drawn from a
   generator you pass (never from the input values);
@@ -17,14 +18,19 @@ the order of ``SCS`` output tokens (``flatten(3)`` of ``[..., D, h, w]``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from evformer.models.spikformer import SpikformerV2, SpikformerV2Config
+
 __all__ = [
     "Masking",
     "MAEDecoder",
+    "SpikformerMAE",
+    "SpikformerMAEConfig",
     "mae_loss",
     "num_visible",
     "patchify",
@@ -87,20 +93,31 @@ def random_masking(
     num_tokens: int,
     mask_ratio: float,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Masking:
     """MAE's random masking of ``num_tokens`` tokens for ``batch`` samples.
 
     Per sample, uniform noise ``[L]`` is drawn from ``generator`` (on the generator's
-    device) and argsorted; the ``len_keep`` tokens with the smallest noise stay visible
-    (:func:`num_visible`). The result depends only on the generator's state and the shape,
-    never on input values; give each rank its own seeded generator for different masks.
+    device) -- or given as ``noise [B, L]`` (e.g. drawn per sample from its own seed, so a
+    sample's mask does not depend on the batch it lands in) -- and argsorted; the
+    ``len_keep`` tokens with the smallest noise stay visible (:func:`num_visible`). The
+    result depends only on the generator's state (or the noise) and the shape, never on
+    input values; give each rank its own seeded generator for different masks.
     """
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if (generator is None) == (noise is None):
+        raise TypeError("random_masking: pass exactly one of generator= and noise=")
     len_keep = num_visible(num_tokens, mask_ratio)
-    noise = torch.rand(batch, num_tokens, generator=generator, device=generator.device)
+    if noise is not None:
+        if noise.shape != (batch, num_tokens):
+            raise ValueError(
+                f"noise must be [B, L] = [{batch}, {num_tokens}], got {tuple(noise.shape)}"
+            )
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    else:
+        noise = torch.rand(batch, num_tokens, generator=generator, device=generator.device)
     if device is not None:
         noise = noise.to(device)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
@@ -277,3 +294,165 @@ def mae_loss(
     if not bool(n > 0):
         raise ValueError("mae_loss: the mask hides no patch; nothing to reconstruct")
     return (per_patch * mask).sum() / n
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpikformerMAEConfig(SpikformerV2Config):
+    """A Spikformer V2 encoder's fields (:class:`SpikformerV2Config`; ``num_classes`` 0: no
+    head, ``T`` 1 as in the paper's pretraining) plus the masked-autoencoder settings."""
+
+    num_classes: int = 0
+    T: int = 1
+    mask_ratio: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        num_visible(1_000_000, self.mask_ratio)  # validates the ratio
+        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
+            raise ValueError(
+                f"decoder_dim {self.decoder_dim} must be divisible by 4 (sin-cos positions) and "
+                f"by decoder_heads {self.decoder_heads}"
+            )
+
+    def encoder_config(self) -> SpikformerV2Config:
+        """The encoder's own config (no head)."""
+        names = {f.name for f in dataclasses.fields(SpikformerV2Config)}
+        return SpikformerV2Config(**{n: getattr(self, n) for n in names})
+
+
+class SpikformerMAE(nn.Module):
+    """Spiking masked autoencoder: a :class:`SpikformerV2` encoder that sees only the visible
+    tokens, and a :class:`MAEDecoder` that reconstructs the masked patches.
+
+    ``loss, pred, mask = mae(x, generator=g)``: ``x`` ``[B, C, H, W]`` (repeated over
+    ``config.T`` steps) or ``[B, T, C, H, W]`` (event frames); ``pred [B, L, p*p*C]`` and
+    ``mask [B, L]`` (1 = masked) in the original token order. The reconstruction target is
+    the input averaged over time (the image itself for a repeated image).
+
+    Per batch: :func:`random_masking` of the ``h x w`` token grid from ``generator``; masked
+    pixels are zeroed; every SCS stage runs as sparse conv + sparse BatchNorm
+    (:meth:`ConvBNLIF.forward` with ``visible``) with the visible map upsampled to its
+    resolution (x8, x4, x2, x1 for four stages): BatchNorm statistics come from the visible
+    positions only, and BatchNorm outputs, membrane potentials and spikes at masked
+    positions are exactly 0, so masked pixels never reach a visible token; the same map
+    applies at every time step. The encoder blocks see the ``len_keep`` visible tokens only;
+    the decoder gets their time average. Both the reference (``backend="torch"``) and the
+    fused kernels (Numba, Triton) run the masked stem; on CPU the zeros at masked positions
+    make the next unit's input sparser, which the event-driven products skip.
+    """
+
+    config_class = SpikformerMAEConfig
+
+    def __init__(self, config: SpikformerMAEConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = config or SpikformerMAEConfig()
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        self.config = cfg
+        self.encoder = SpikformerV2(cfg.encoder_config())
+        h, w = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else cfg.img_size
+        p = cfg.patch_size
+        self.decoder = MAEDecoder(
+            encoder_dim=cfg.embed_dim,
+            grid_size=(h // p, w // p),
+            patch_dim=p * p * cfg.in_channels,
+            dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+        )
+        self.mask_ratio = cfg.mask_ratio
+        self.norm_pix_loss = cfg.norm_pix_loss
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def T(self) -> int:
+        return self.encoder.T
+
+    @T.setter
+    def T(self, value: int) -> None:
+        self.encoder.T = value
+
+    # -- the four pieces, as MAE -------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` -> ``[B, L, p*p*C]`` (:func:`patchify`)."""
+        return patchify(x, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``[B, h*w, p*p*C]`` -> ``[B, C, h*p, w*p]`` (:func:`unpatchify`)."""
+        return unpatchify(x, self.patch_size, self.config.in_channels, h, w)
+
+    def random_masking(
+        self,
+        x_seq: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+    ) -> Masking:
+        """The mask of a batch ``[T, B, C, H, W]`` from ``generator`` or per-sample ``noise
+        [B, L]`` (:func:`random_masking`; the shape only, never the values of ``x_seq``)."""
+        _, B, _, H, W = x_seq.shape
+        p = self.patch_size
+        return random_masking(
+            B, (H // p) * (W // p), self.mask_ratio, generator=generator, noise=noise,
+            device=x_seq.device,
+        )  # fmt: skip
+
+    def forward_stem(self, x_seq: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """The sparse SCS stem: ``[T, B, C, H, W]`` -> visible tokens ``[T, B, len_keep, D]``
+        (spike counts, in the order of ``masking.ids_keep``)."""
+        T, B, _, H, W = x_seq.shape
+        p = self.patch_size
+        visible = masking.grid(H // p, W // p).to(x_seq.dtype)  # [B, h, w], 1 = visible
+        x = x_seq * upsample_mask(visible, p).unsqueeze(1)  # masked pixels never enter
+        stages = self.encoder.patch_embed.stages
+        for i, stage in enumerate(stages):  # stage i works at 2^(n-1-i) x the token grid
+            x = stage(x, visible=upsample_mask(visible, 2 ** (len(stages) - 1 - i)))
+        return masking.gather(x.flatten(3).transpose(-1, -2))  # [T, B, len_keep, D]
+
+    def forward_encoder(self, x_seq: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """``[T, B, C, H, W]`` -> encoded visible tokens ``[T, B, len_keep, D]`` (spike
+        counts): the sparse stem, then the encoder blocks on the visible tokens only."""
+        tokens = self.forward_stem(x_seq, masking)
+        for blk in self.encoder.blocks:
+            tokens = blk(tokens)
+        return tokens
+
+    def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """Visible tokens ``[T, B, len_keep, D]`` -> predictions ``[B, L, p*p*C]``."""
+        return self.decoder(latent.mean(0), masking.ids_restore)
+
+    def forward_loss(self, x_seq: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor):
+        """Normalised-pixel MSE on the masked patches of the time-averaged input."""
+        return mae_loss(pred, self.patchify(x_seq.mean(0)), mask, norm_pix=self.norm_pix_loss)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ):
+        """``x [B, C, H, W]`` or ``[B, T, C, H, W]`` -> ``(loss, pred [B, L, p*p*C], mask
+        [B, L])``, the mask (1 = masked, original token order) drawn from ``generator`` or
+        argsorted from per-sample ``noise [B, L]`` (exactly one of them)."""
+        x_seq = self.encoder.to_sequence(x)
+        masking = self.random_masking(x_seq, generator, noise=noise)
+        latent = self.forward_encoder(x_seq, masking)
+        pred = self.forward_decoder(latent, masking)
+        loss = self.forward_loss(x_seq, pred, masking.mask)
+        return loss, pred, masking.mask
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights alone, for ``create_model("spikformer_v2_...")``: every key
+        but the classification head's (``load_state_dict(..., strict=False)`` or ``--init``)."""
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from evformer.models.mae import SpikformerMAE, SpikformerMAEConfig
 from evformer.models.spikformer import (
     Spikformer,
     SpikformerConfig,
@@ -207,3 +208,38 @@ def spikformer_v2_12_768():
 @register_model
 def spikformer_v2_16_768():
     return SpikformerV2, _v2(16, 768)
+
+
+# -- Spikformer V2 masked autoencoders (paper section 4.2): the V2 encoders, T = 1, no head,
+# 75 % of the 14x14 tokens masked, a 4-layer 256-wide 4-head Transformer decoder --------
+
+
+def _mae(depth: int, dim: int) -> SpikformerMAEConfig:
+    return SpikformerMAEConfig(
+        img_size=224, num_classes=0, embed_dim=dim, depth=depth, num_heads=8, T=1
+    )
+
+
+@register_model
+def mae_spikformer_v2_8_384():
+    return SpikformerMAE, _mae(8, 384)
+
+
+@register_model
+def mae_spikformer_v2_8_512():
+    return SpikformerMAE, _mae(8, 512)
+
+
+@register_model
+def mae_spikformer_v2_12_512():
+    return SpikformerMAE, _mae(12, 512)
+
+
+@register_model
+def mae_spikformer_v2_12_768():
+    return SpikformerMAE, _mae(12, 768)
+
+
+@register_model
+def mae_spikformer_v2_16_768():
+    return SpikformerMAE, _mae(16, 768)

@@ -1,0 +1,268 @@
+"""Masked-pretraining step against the dense step of the same encoder.
+
+``python -m evformer.bench mae [--configs imagenet,dvs] [--batch 8] [--repeat 3]``
+
+One training step = forward, backward, AdamW step, in two modes on the same batch:
+
+* ``masked``: ``mae_spikformer_v2_8_384`` at ``--mask-ratio`` (0.75): the sparse SCS stem
+  (BatchNorm and neurons on the visible positions only), the encoder blocks on the visible
+  tokens, the 4-layer 256-wide Transformer decoder and the normalised-pixel loss, T = 1;
+* ``dense``: the same encoder, ``spikformer_v2_8_384`` at T = 1, on all tokens with its
+  classification head and cross-entropy (the supervised step).
+
+Configurations: ``imagenet`` (3x224x224 images, 14x14 tokens) and ``dvs`` (2x128x128 event
+frames of Poisson counts, one time step, 8x8 tokens), both with the V2-8-384 encoder.
+
+Method (as ``python -m evformer.bench model``): every (mode, configuration, measurement)
+runs in its own fresh subprocess; time is the best of ``--repeat`` steps after a warm-up
+step, over ``--rounds`` alternating runs; peak memory is, on CPU, the peak resident set
+size during one step minus the resident size just before it (``MALLOC_MMAP_THRESHOLD_`` set
+so that freed blocks go back to the OS), on CUDA ``torch.cuda.max_memory_allocated`` above
+the allocation before the step. The split runs each part's forward and backward alone (its
+input detached, with gradient) and keeps the best of ``--repeat``: the stem (sparse or
+dense SCS), the encoder blocks, and the decoder with the loss (masked) or the head with
+the cross-entropy (dense); the optimizer step is the rest.
+Targets: masked step <= 0.35x the dense step's time and <= 0.5x its peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CONFIGS = ("imagenet", "dvs")
+MODES = ("masked", "dense")
+TIME_TARGET, MEMORY_TARGET = 0.35, 0.5
+
+
+def _data(config: str, batch: int):
+    """Input batch, labels, and the model overrides of one configuration."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if config == "imagenet":
+        x = torch.rand(batch, 3, 224, 224, generator=g)
+        classes, kw = 1000, dict(img_size=224, in_channels=3)
+    elif config == "dvs":
+        x = torch.poisson(torch.full((batch, 1, 2, 128, 128), 0.3), generator=g)
+        classes, kw = 10, dict(img_size=128, in_channels=2)
+    else:
+        raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
+    y = torch.randint(0, classes, (batch,), generator=g)
+    return x, y, classes, kw
+
+
+def _build(mode: str, config: str, batch: int, mask_ratio: float, device: str):
+    """(model, full step closure, [(part name, closure of forward + backward)])."""
+    import torch
+    import torch.nn.functional as F
+
+    from evformer.models import create_model
+
+    torch.manual_seed(0)
+    x, y, classes, kw = _data(config, batch)
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if mode == "masked":
+        model = create_model("mae_spikformer_v2_8_384", mask_ratio=mask_ratio, **kw)
+    elif mode == "dense":
+        model = create_model("spikformer_v2_8_384", T=1, num_classes=classes, **kw)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        if mode == "masked":
+            loss = model(x, generator=gen)[0]
+        else:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        sync()
+
+    # the split: each part alone, forward + backward, on a detached input
+    if mode == "masked":
+        x_seq = model.encoder.to_sequence(x)
+        masking = model.random_masking(x_seq, gen)
+        blocks = model.encoder.blocks
+
+        def stem(_):
+            return model.forward_stem(x_seq, masking)
+
+        def head(latent):
+            pred = model.forward_decoder(latent, masking)
+            return model.forward_loss(x_seq, pred, masking.mask)
+
+        names = ("stem (sparse SCS)", "encoder blocks", "decoder + loss")
+    else:
+        x_seq = model.to_sequence(x)
+        blocks = model.blocks
+
+        def stem(_):
+            return model.patch_embed(x_seq)
+
+        def head(tokens):
+            return F.cross_entropy(model.forward_head(tokens), y)
+
+        names = ("stem (dense SCS)", "encoder blocks", "head + loss")
+
+    def run_blocks(tokens):
+        for blk in blocks:
+            tokens = blk(tokens)
+        return tokens
+
+    with torch.no_grad():
+        inputs = [None, stem(None)]
+        inputs.append(run_blocks(inputs[1]))
+
+    def part(fn, inp):
+        def run():
+            t = None if inp is None else inp.detach().requires_grad_(True)
+            out = fn(t)
+            out.backward(torch.ones_like(out) if out.dim() else None)
+            model.zero_grad(set_to_none=True)
+            sync()
+
+        return run
+
+    parts = [(n, part(f, i)) for n, f, i in zip(names, (stem, run_blocks, head), inputs)]
+    return model, step, parts
+
+
+def _worker(mode: str, config: str, args, what: str) -> dict:
+    import torch
+
+    from evformer.bench._util import best_time
+    from evformer.bench.model import _rss
+
+    model, step, parts = _build(mode, config, args.batch, args.mask_ratio, args.device)
+    step()  # warm-up: kernel compilation, gradients, optimizer state
+    out = {"mode": mode, "config": config}
+    if what == "time":
+        out["time_s"] = best_time(step, repeat=args.repeat)
+        out["parts"] = {n: best_time(fn, repeat=args.repeat) for n, fn in parts}
+        return out
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size to the current one
+        base = _rss("VmRSS")
+        step()
+        peak = _rss("VmHWM") - base
+    out["peak_mb"] = peak / 2**20
+    return out
+
+
+def _run_worker(mode: str, config: str, args, what: str) -> dict:
+    env = dict(os.environ)
+    if what == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, "-m", "evformer.bench.mae", "--worker", mode, config, what]
+    cmd += ["--device", args.device, "--repeat", str(args.repeat), "--batch", str(args.batch)]
+    cmd += ["--mask-ratio", str(args.mask_ratio)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {mode}/{config}/{what} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m evformer.bench mae", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of imagenet, dvs")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--repeat", type=int, default=3, help="timed steps per run (best is kept)")
+    ap.add_argument("--rounds", type=int, default=1, help="timing runs per mode, alternating")
+    ap.add_argument("--threads", type=int, default=0, help="threads per worker (0: all cores)")
+    ap.add_argument("--worker", nargs=3, metavar=("MODE", "CONFIG", "WHAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        mode, config, what = args.worker
+        print(json.dumps(_worker(mode, config, args, what)))
+        return 0
+    import torch
+
+    from evformer.bench._util import machine_summary, print_table
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or args.repeat < 1 or args.batch < 2:
+        print("--rounds and --repeat must be at least 1, --batch at least 2", file=sys.stderr)
+        return 2
+    configs = [c for c in args.configs.split(",") if c]
+    for c in configs:
+        if c not in CONFIGS:
+            print(f"unknown configuration {c!r}; choose from {CONFIGS}", file=sys.stderr)
+            return 2
+    print(f"# masked pretraining step vs dense step, {args.device}: {machine_summary()}")
+    print(
+        f"# torch {torch.__version__}, threads per worker {args.threads or os.cpu_count()}, "
+        f"batch {args.batch}, mask ratio {args.mask_ratio}, V2-8-384 encoder, T = 1"
+    )
+    rows, split, ok = [], [], True
+    t0 = time.perf_counter()
+    for config in configs:
+        res = {mode: _run_worker(mode, config, args, "memory") for mode in MODES}
+        for _ in range(args.rounds):
+            for mode in MODES:
+                r = _run_worker(mode, config, args, "time")
+                if r["time_s"] < res[mode].get("time_s", float("inf")):
+                    res[mode].update(time_s=r["time_s"], parts=r["parts"])
+        ma, de = res["masked"], res["dense"]
+        rt, rm = ma["time_s"] / de["time_s"], ma["peak_mb"] / de["peak_mb"]
+        ok &= rt <= TIME_TARGET and rm <= MEMORY_TARGET
+        rows.append(
+            [
+                config,
+                f"{ma['time_s']:.3f}",
+                f"{de['time_s']:.3f}",
+                f"{rt:.2f} (<= {TIME_TARGET})",
+                f"{ma['peak_mb']:.0f}",
+                f"{de['peak_mb']:.0f}",
+                f"{rm:.2f} (<= {MEMORY_TARGET})",
+            ]
+        )
+        for mode in MODES:
+            parts = res[mode]["parts"]
+            split.append([config, mode, *(f"{n}: {t:.3f}" for n, t in parts.items())])
+    print_table(
+        [
+            "config",
+            "masked step (s)",
+            "dense step (s)",
+            "time ratio",
+            "masked peak (MB)",
+            "dense peak (MB)",
+            "memory ratio",
+        ],
+        rows,
+    )
+    print("\n### Forward + backward of each part alone (s, best of --repeat)\n")
+    print_table(["config", "mode", "stem", "encoder blocks", "decoder / head"], split)
+    print(f"\ntargets {'met' if ok else 'NOT met'}; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
