@@ -187,14 +187,15 @@ def test_every_preset_loads_into_its_recipe(path):
     mod = importlib.import_module(f"evformer.recipes.{recipe}")
     values = load_preset(mod.Config, path, recipe=recipe)
     cfg = mod.Config(**values)
-    assert cfg.model.startswith("spikformer_") and cfg.T in (1, 4, 10, 16)
+    # masked pretraining presets name the MAE wrapper of a V2 encoder
+    assert cfg.model.removeprefix("mae_").startswith("spikformer_") and cfg.T in (1, 4, 10, 16)
 
 
 # settings a recipe may leave out of its preset: where the run happens, not what it is
 MACHINE_SETTINGS = {"num_workers"}
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", (*RECIPES, "imagenet_mae"))
 def test_default_preset_and_config_agree_field_by_field(recipe):
     """The published numbers live in the recipe's ``Config`` and in its default preset;
     neither may drift from the other."""
@@ -205,12 +206,18 @@ def test_default_preset_and_config_agree_field_by_field(recipe):
     differ = {k: (v, getattr(default, k)) for k, v in preset.items() if getattr(default, k) != v}
     assert not differ, f"{path.name} vs {recipe}.Config() (preset, Config): {differ}"
     # every value the recipe sets differently from its family's defaults is published too
-    family = EventConfig if issubclass(mod.Config, EventConfig) else StaticConfig
+    from evformer.recipes._pretrain import PretrainConfig
+
+    if issubclass(mod.Config, PretrainConfig):  # static and event fields both
+        family = PretrainConfig
+    else:
+        family = EventConfig if issubclass(mod.Config, EventConfig) else StaticConfig
     base = family()
     own = {f.name for f in dataclasses.fields(mod.Config)}
     own = {k for k in own if getattr(default, k) != getattr(base, k)} - MACHINE_SETTINGS
     assert own <= set(preset), f"{path.name} lacks {sorted(own - set(preset))}"
-    assert default.model.startswith("spikformer_") and default.model == preset["model"]
+    assert default.model.removeprefix("mae_").startswith("spikformer_")
+    assert default.model == preset["model"]
 
 
 # one non-default value per engine setting, as it is typed on the command line

@@ -11,6 +11,10 @@ _LAZY: dict[str, str] = {
     "build_optimizer": "optim",
     "vit_layer_id": "optim",
     "count_layers": "optim",
+    # probe
+    "linear_probe": "probe",
+    "extract_features": "probe",
+    "ProbeResult": "probe",
     # schedule
     "lr_at": "schedule",
     "CosineSchedule": "schedule",
@@ -49,6 +53,8 @@ _LAZY: dict[str, str] = {
     "FitResult": "trainer",
     "EvalResult": "trainer",
     "NonFiniteLossError": "trainer",
+    "Objective": "trainer",
+    "MaskedReconstruction": "trainer",
     "Trainer": "trainer",
     "fit": "trainer",
     "evaluate": "trainer",

@@ -1,11 +1,13 @@
 """Training and evaluation loops shared by every recipe.
 
-:func:`fit` trains a classifier with AdamW (parameter groups, optional layer-wise decay), a
-per-iteration cosine schedule, label smoothing, optional Mixup/CutMix switched off at a
-given epoch, gradient clipping and AMP on CUDA; it resets spiking state around every
-batch, evaluates top-1/top-5, per-class accuracy and the confusion matrix, and keeps the
-run directory up to date (``metrics.jsonl``, ``config.yaml``, ``run_info.json``,
-``last.pt``, ``best.pt``, ``curves.png``, ``confusion_matrix.png``, ``results.json``).
+:func:`fit` trains a classifier (or, with ``objective=MaskedReconstruction()``, a masked
+autoencoder: one loop, the step is an :class:`Objective`) with AdamW (parameter groups,
+optional layer-wise decay), a per-iteration cosine schedule, label smoothing, optional
+Mixup/CutMix switched off at a given epoch, gradient clipping and AMP on CUDA; it resets
+spiking state around every batch, evaluates top-1/top-5, per-class accuracy and the
+confusion matrix, and keeps the run directory up to date (``metrics.jsonl``,
+``config.yaml``, ``run_info.json``, ``last.pt``, ``best.pt``, ``curves.png``,
+``confusion_matrix.png``, ``results.json``).
 
 Runs are exactly resumable: the data order is a function of (seed, epoch), a checkpoint
 records how far into the epoch training got, and every random generator the loop uses is
@@ -114,6 +116,85 @@ class FitConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not self.topk or any(k < 1 for k in self.topk):
             raise ValueError(f"topk must be one or more integers >= 1, got {self.topk}")
+
+
+class Objective:
+    """What one training step computes from a batch; everything else in the loop (data
+    order, parameter groups, schedule, AMP, DDP, checkpoints and resume, non-finite
+    handling, metrics, progress) is shared.
+
+    :meth:`step` gets the input ``x`` (on the device, float) and the batch's second item
+    ``y`` (still as the loader gave it) and returns ``(loss, stats)``: the scalar loss to
+    back-propagate and float64 ``[3]`` sums over the rank's batch -- ``loss * B``, top-1
+    hits (0 without accuracy) and ``B`` -- which the trainer all-reduces and accumulates.
+    This base class is the classifier's step: label-smoothed cross-entropy, Mixup/CutMix
+    while :meth:`Trainer.mixup_active`, top-1 against the (mixed) target's argmax.
+    """
+
+    name = "classification"
+    has_accuracy = True  # train_acc1 in the metrics; test evaluation and best.pt apply
+
+    def step(
+        self, trainer: Trainer, x: torch.Tensor, y: Any, *, mixing: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = trainer.config
+        y = torch.as_tensor(y).to(trainer.device, torch.long, non_blocking=True)
+        target = y
+        if mixing:
+            x, target = trainer.mixup(x, y, trainer.mix_gen)
+        with _autocast(trainer.device, trainer.use_amp, cfg.amp_dtype):
+            logits = trainer.ddp(x)
+        loss = classification_loss(logits, target, label_smoothing=cfg.label_smoothing)
+        bs = y.shape[0]
+        stats = torch.stack(
+            [
+                loss.detach().double() * bs,
+                topk_correct(logits.detach(), target.detach(), (1,))[0].to(loss.device),
+                torch.tensor(float(bs), dtype=torch.float64, device=loss.device),
+            ]
+        )
+        return loss, stats
+
+    def row(self) -> dict:
+        """Constant entries of every ``metrics.jsonl`` row (settings worth plotting against)."""
+        return {}
+
+
+class MaskedReconstruction(Objective):
+    """Masked-image modelling (MAE): batches ``(x, noise)`` with the masking noise
+    ``[B, L]`` (uniform [0, 1), one row per sample, drawn by the data pipeline from the
+    sample's ``(seed, epoch, index)``, so a sample's mask is the same for any number of
+    processes and after a resume); the model is called as
+    ``loss, pred, mask = model(x, noise=noise)`` (``evformer.models.SpikformerMAE``).
+    No accuracy, no test evaluation, no ``best.pt``. ``row`` entries (e.g. the mask ratio)
+    go into every metrics row."""
+
+    name = "masked_reconstruction"
+    has_accuracy = False
+
+    def __init__(self, *, row: dict | None = None) -> None:
+        self._row = dict(row or {})
+
+    def step(
+        self, trainer: Trainer, x: torch.Tensor, y: Any, *, mixing: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.as_tensor(y).to(trainer.device, torch.float32, non_blocking=True)
+        with _autocast(trainer.device, trainer.use_amp, trainer.config.amp_dtype):
+            loss, _, _ = trainer.ddp(x, noise=noise)
+        loss = loss.float()
+        bs = x.shape[0]
+        zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+        stats = torch.stack(
+            [
+                loss.detach().double() * bs,
+                zero,
+                torch.tensor(float(bs), dtype=torch.float64, device=loss.device),
+            ]
+        )
+        return loss, stats
+
+    def row(self) -> dict:
+        return dict(self._row)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -358,8 +439,17 @@ class Trainer:
         run_config: dict | None = None,
         layer_id_fn: Callable[[str, int], int] = vit_layer_id,
         on_step: Callable[[dict], None] | None = None,
+        objective: Objective | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
     ) -> None:
         config.validate()
+        self.objective = objective if objective is not None else Objective()
+        if test_set is not None and not self.objective.has_accuracy:
+            raise ValueError(
+                f"the {self.objective.name} objective has no test evaluation; pass test_set=None"
+            )
+        if mixup is not None and not self.objective.has_accuracy:
+            raise ValueError(f"Mixup/CutMix applies to classification, not {self.objective.name}")
         self.config = config
         self.dist = dist if dist is not None else DistInfo(device=resolve_device(None))
         self.device = self.dist.device
@@ -368,6 +458,7 @@ class Trainer:
         self.class_names = list(class_names) if class_names is not None else None
         self.run_config = run_config if run_config is not None else {"fit": asdict(config)}
         self.on_step = on_step
+        self.on_epoch = on_epoch
         self.train_set, self.test_set = train_set, test_set
 
         self.use_amp = config.amp if config.amp is not None else self.device.type == "cuda"
@@ -580,22 +671,8 @@ class Trainer:
                 "mix": self.mix_gen.get_state(),
             }
             x = _to_input(x, self.device)
-            y = torch.as_tensor(y).to(self.device, torch.long, non_blocking=True)
-            target = y
-            if mixing:
-                x, target = self.mixup(x, y, self.mix_gen)
             reset_states(model)
-            with _autocast(self.device, self.use_amp, cfg.amp_dtype):
-                logits = self.ddp(x)
-            loss = classification_loss(logits, target, label_smoothing=cfg.label_smoothing)
-            bs = y.shape[0]
-            stats = torch.stack(
-                [
-                    loss.detach().double() * bs,
-                    topk_correct(logits.detach(), target.detach(), (1,))[0].to(loss.device),
-                    torch.tensor(float(bs), dtype=torch.float64, device=loss.device),
-                ]
-            )
+            loss, stats = self.objective.step(self, x, y, mixing=mixing)
             stats = all_reduce(stats, device=self.device).cpu()
             lr = self.scheduler.lr(self.step)
             if not math.isfinite(float(stats[0])):
@@ -620,9 +697,11 @@ class Trainer:
             elapsed = time.perf_counter() - t_start
             self.accum["seconds"] = seconds_before + elapsed
             bar.update(1)
+            shown = {"loss": f"{self.accum['loss_sum'] / self.accum['count']:.4f}"}
+            if self.objective.has_accuracy:
+                shown["acc"] = f"{100 * self.accum['correct1'] / self.accum['count']:.1f}"
             bar.set_postfix(
-                loss=f"{self.accum['loss_sum'] / self.accum['count']:.4f}",
-                acc=f"{100 * self.accum['correct1'] / self.accum['count']:.1f}",
+                **shown,
                 lr=f"{lr:.2e}",
                 sps=f"{samples_now / max(elapsed, 1e-9):.1f}",
                 refresh=False,
@@ -641,13 +720,15 @@ class Trainer:
                 )
         bar.close()
         count = max(self.accum["count"], 1.0)
-        return {
-            "train_loss": self.accum["loss_sum"] / count,
-            "train_acc1": 100.0 * self.accum["correct1"] / count,
-            "train_seconds": self.accum["seconds"],
-            "samples_per_second": self.accum["count"] / max(self.accum["seconds"], 1e-9),
-            "lr": lr,
-        }
+        out = {"train_loss": self.accum["loss_sum"] / count}
+        if self.objective.has_accuracy:
+            out["train_acc1"] = 100.0 * self.accum["correct1"] / count
+        out.update(
+            train_seconds=self.accum["seconds"],
+            samples_per_second=self.accum["count"] / max(self.accum["seconds"], 1e-9),
+            lr=lr,
+        )
+        return out
 
     def _pre_step_state(self, pre: dict) -> dict:
         """A checkpoint of the state before the current (not yet applied) step."""
@@ -727,8 +808,9 @@ class Trainer:
         train = self.train_one_epoch()
         t0 = time.perf_counter()
         last = epoch == cfg.total_epochs - 1
-        row: dict[str, Any] = {"epoch": epoch, "step": self.step, **train}
-        row["mixup"] = self.mixup_active(epoch)
+        row: dict[str, Any] = {"epoch": epoch, "step": self.step, **train, **self.objective.row()}
+        if self.objective.has_accuracy:
+            row["mixup"] = self.mixup_active(epoch)
         if self.test_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
             res = self.evaluate(desc=f"test {epoch + 1}/{cfg.total_epochs}")
             self.last_eval = res
@@ -745,9 +827,12 @@ class Trainer:
                         },
                         self.run_dir / "best.pt",
                     )
-        else:
+        elif self.objective.has_accuracy:
             row.update(test_loss=None, test_acc1=None, test_acc5=None)
-        row["best_test_acc1"] = self.best_acc1 if self.best_epoch >= 0 else None
+        if self.objective.has_accuracy:
+            row["best_test_acc1"] = self.best_acc1 if self.best_epoch >= 0 else None
+        if self.on_epoch is not None:  # every rank; before last.pt, so a resume redoes it
+            self.on_epoch(row)
         row["epoch_seconds"] = train.pop("train_seconds") + (time.perf_counter() - t0)
         if self.dist.is_main:
             if self.metrics is not None:
@@ -755,7 +840,8 @@ class Trainer:
             if self.tb is not None:
                 self.tb.scalars(row, epoch)
             if cfg.progress:
-                acc = "" if row["test_acc1"] is None else f", test acc1 {row['test_acc1']:.2f} %"
+                test = row.get("test_acc1")
+                acc = "" if test is None else f", test acc1 {test:.2f} %"
                 tqdm.write(
                     f"epoch {epoch + 1}/{cfg.total_epochs}: train loss {row['train_loss']:.4f}"
                     f"{acc}, {row['epoch_seconds']:.1f} s"
@@ -808,6 +894,8 @@ def fit(
     run_config: dict | None = None,
     layer_id_fn: Callable[[str, int], int] = vit_layer_id,
     on_step: Callable[[dict], None] | None = None,
+    objective: Objective | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_set`` (items ``(x, label)``) and evaluate on ``test_set``
     after every ``config.eval_every`` epochs and at the end.
@@ -817,7 +905,11 @@ def fit(
     ``config.yaml`` (``run_config``, else ``config``), ``run_info.json``, ``last.pt``,
     ``best.pt``, ``results.json`` and the PNG plots. ``resume`` continues from a
     ``last.pt``: the result is the same as an uninterrupted run on the same hardware.
-    ``on_step(info)`` is called after every optimizer step (rank-local).
+    ``on_step(info)`` is called after every optimizer step (rank-local), ``on_epoch(row)``
+    at the end of every epoch on every rank with its metrics row (before ``last.pt``).
+    ``objective`` (default: classification, :class:`Objective`) is what a step computes;
+    :class:`MaskedReconstruction` trains a masked autoencoder (``test_set=None``, items
+    ``(x, noise [L])``).
 
     Raises :class:`NonFiniteLossError` when the loss becomes NaN/inf.
     """
@@ -833,6 +925,8 @@ def fit(
         run_config=run_config,
         layer_id_fn=layer_id_fn,
         on_step=on_step,
+        objective=objective,
+        on_epoch=on_epoch,
     )
     return trainer.fit(resume=resume)
 

@@ -499,7 +499,8 @@ class Recipe:
     ``evformer.data.DatasetNotFoundError`` when the data is missing);
     ``build_test(cfg, T)`` the test set binned/encoded for ``T`` time steps.
     ``default_preset`` names the file in ``recipes/`` that publishes the same values as
-    ``config_cls()`` (a test holds the two to each other, field by field).
+    ``config_cls()`` (a test holds the two to each other, field by field). ``execute(recipe,
+    cfg) -> exit code`` replaces the supervised train / evaluate flow (masked pretraining).
     """
 
     name: str
@@ -509,6 +510,7 @@ class Recipe:
     build_test: Callable[[RecipeConfig, int], Dataset]
     description: str
     default_preset: str
+    execute: Callable[[Recipe, RecipeConfig], int] | None = None
 
 
 def _model_kwargs(cfg: RecipeConfig) -> dict:
@@ -533,6 +535,12 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool) -> list[st
     ckpt = load_checkpoint(path, trusted_types=(argparse.Namespace,))
     state = model_state_from(ckpt, path=path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    if not any(k in own for k in state) and any(k.startswith("encoder.") for k in state):
+        # a masked-autoencoder checkpoint (a pretraining last.pt): its encoder part
+        state = {
+            k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
+        }
     if any(k.startswith("block.") for k in state) and not any(
         k.startswith("blocks.") for k in state
     ):
@@ -546,10 +554,20 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool) -> list[st
     missing, unexpected = load_model_state(model, state, strict=strict, source=str(path))
     notes = []
     if missing:
-        notes.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        notes.append(
+            f"{len(missing)} not loaded (not in the file, kept as initialised): {_keys(missing)}"
+        )
     if unexpected:
-        notes.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        notes.append(
+            f"{len(unexpected)} in the file but not in the model (ignored): {_keys(unexpected)}"
+        )
     return notes
+
+
+def _keys(names: Sequence[str], limit: int = 20) -> str:
+    """Every name up to ``limit``, then how many more."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _default_run_dir(cfg: RecipeConfig, recipe: str) -> Path:
@@ -601,7 +619,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return _run(recipe, cfg)
+        return (recipe.execute or _run)(recipe, cfg)
     except DatasetNotFoundError as e:
         print(f"error: {e}\n(data root: --data-root {cfg.data_root})", file=sys.stderr)
         return EXIT_NO_DATA
