@@ -202,6 +202,7 @@ def streams(draw, *, t_max, size=128, max_n=300):
     return ev, rng
 
 
+@pytest.mark.filterwarnings("ignore::evformer.events.UnsortedEventsWarning")  # unsorted on purpose
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -221,6 +222,7 @@ def test_aedat31_round_trip(tmp_path, data, epp, extra, with_invalid):
     np.testing.assert_array_equal(read_both(read_aedat, path), stable_sorted(keep))
 
 
+@pytest.mark.filterwarnings("ignore::evformer.events.UnsortedEventsWarning")  # unsorted on purpose
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

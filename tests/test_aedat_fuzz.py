@@ -10,10 +10,14 @@ import re
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from evformer.events import EVENT_DTYPE, AedatError, read_aedat, write_aedat2, write_aedat31
+
+# random and corrupted files are unsorted on purpose; the readers' warning is tested elsewhere
+pytestmark = pytest.mark.filterwarnings("ignore::evformer.events.UnsortedEventsWarning")
 
 SETTINGS = settings(
     max_examples=150,
