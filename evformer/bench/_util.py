@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -64,3 +68,21 @@ def _fmt(c: object) -> str:
             return "n/a"
         return f"{c:.3g}" if abs(c) < 1000 else f"{c:,.0f}"
     return str(c)
+
+
+def run_worker(module: str, worker_args: Sequence[str], *, memory: bool, threads: int) -> dict:
+    """Run ``python -m module --worker ...`` in a fresh process and return the JSON object
+    printed on its last line. Each measurement gets its own process so that one library's
+    allocator state, thread pools and compiled kernels never colour another's figures;
+    ``memory`` lowers glibc's mmap threshold so freed blocks leave the resident set (the
+    peak is read from it), ``threads`` (0: all cores) caps OpenMP and Numba threads."""
+    env = dict(os.environ)
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", module, "--worker", *worker_args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(worker_args)} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

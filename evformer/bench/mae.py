@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from evformer.bench._util import run_worker
 
 CONFIGS = ("imagenet", "dvs")
 MODES = ("masked", "dense")
@@ -169,18 +170,9 @@ def _worker(mode: str, config: str, args, what: str) -> dict:
 
 
 def _run_worker(mode: str, config: str, args, what: str) -> dict:
-    env = dict(os.environ)
-    if what == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-m", "evformer.bench.mae", "--worker", mode, config, what]
-    cmd += ["--device", args.device, "--repeat", str(args.repeat), "--batch", str(args.batch)]
-    cmd += ["--mask-ratio", str(args.mask_ratio)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {mode}/{config}/{what} failed:\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    extra = [mode, config, what, "--device", args.device, "--repeat", str(args.repeat)]
+    extra += ["--batch", str(args.batch), "--mask-ratio", str(args.mask_ratio)]
+    return run_worker("evformer.bench.mae", extra, memory=what == "memory", threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

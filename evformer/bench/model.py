@@ -46,9 +46,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
+
+from evformer.bench._util import run_worker
 
 CONFIGS = ("cifar", "dvs")
 LIBS = ("evformer", "spikingjelly")
@@ -194,17 +195,8 @@ def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
 
 
 def _run_worker(lib: str, config: str, args, what: str) -> dict:
-    env = dict(os.environ)
-    if what == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads))
-    cmd = [sys.executable, "-m", "evformer.bench.model", "--worker", lib, config, what]
-    cmd += ["--device", args.device, "--repeat", str(args.repeat)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {lib}/{config}/{what} failed:\n{res.stderr[-4000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    extra = [lib, config, what, "--device", args.device, "--repeat", str(args.repeat)]
+    return run_worker("evformer.bench.model", extra, memory=what == "memory", threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
