@@ -5,15 +5,13 @@ rank 0 writes the run directory."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from _dist import free_port, subprocess_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -53,19 +51,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     script = tmp_path / "train.py"
@@ -77,17 +62,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         [sys.executable, str(script), str(one)],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
         timeout=300,
     )
     assert r1.returncode == 0, r1.stderr
     r2 = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
             str(script), str(two),
         ],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )  # fmt: skip
     assert r2.returncode == 0, r2.stderr[-3000:]
     a = json.loads((one / "out.json").read_text())

@@ -7,8 +7,6 @@ learning-rate rule, and encoder.pt loaded by the supervised recipes' ``--init``.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _dist import free_port, subprocess_env
 
 from evformer.models import create_model
 from evformer.recipes import imagenet_mae
@@ -365,19 +364,6 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.mark.slow
 def test_one_and_two_processes_draw_the_same_masks_and_weights(tmp_path):
     script = tmp_path / "train.py"
@@ -387,16 +373,16 @@ def test_one_and_two_processes_draw_the_same_masks_and_weights(tmp_path):
     two.mkdir()
     r1 = subprocess.run(
         [sys.executable, str(script), str(one)],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )  # fmt: skip
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
             str(script), str(two),
         ],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )  # fmt: skip
     assert r2.returncode == 0, r2.stderr[-3000:]
     seen1 = json.loads((one / "seen0.json").read_text())

@@ -86,3 +86,31 @@ def run_worker(module: str, worker_args: Sequence[str], *, memory: bool, threads
     if res.returncode != 0:
         raise RuntimeError(f"worker {' '.join(worker_args)} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _rss(key: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def step_peak_bytes(step: Callable[[], object], device: str) -> int:
+    """Peak memory of one ``step()`` above what was in use before it, in bytes: on CUDA
+    ``torch.cuda.max_memory_allocated``, on CPU the resident high-water mark (reset through
+    ``/proc/self/clear_refs``) minus the resident set before the step."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size to the current one
+    base = _rss("VmRSS")
+    step()
+    return _rss("VmHWM") - base

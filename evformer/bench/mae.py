@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from evformer.bench._util import run_worker
+from evformer.bench._util import run_worker, step_peak_bytes
 
 CONFIGS = ("imagenet", "dvs")
 MODES = ("masked", "dense")
@@ -141,10 +141,8 @@ def _build(mode: str, config: str, batch: int, mask_ratio: float, device: str):
 
 
 def _worker(mode: str, config: str, args, what: str) -> dict:
-    import torch
 
     from evformer.bench._util import best_time
-    from evformer.bench.model import _rss
 
     model, step, parts = _build(mode, config, args.batch, args.mask_ratio, args.device)
     step()  # warm-up: kernel compilation, gradients, optimizer state
@@ -153,19 +151,7 @@ def _worker(mode: str, config: str, args, what: str) -> dict:
         out["time_s"] = best_time(step, repeat=args.repeat)
         out["parts"] = {n: best_time(fn, repeat=args.repeat) for n, fn in parts}
         return out
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size to the current one
-        base = _rss("VmRSS")
-        step()
-        peak = _rss("VmHWM") - base
-    out["peak_mb"] = peak / 2**20
+    out["peak_mb"] = step_peak_bytes(step, args.device) / 2**20
     return out
 
 

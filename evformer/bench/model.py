@@ -49,7 +49,7 @@ import os
 import sys
 import time
 
-from evformer.bench._util import run_worker
+from evformer.bench._util import run_worker, step_peak_bytes
 
 CONFIGS = ("cifar", "dvs")
 LIBS = ("evformer", "spikingjelly")
@@ -126,14 +126,6 @@ def _build(lib: str, config: str, device: str):
     return model, step
 
 
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not found in /proc/self/status")
-
-
 #: profiler op names of the dense products (convolution and matrix-multiply kernels)
 DENSE_OPS = frozenset(
     {
@@ -167,7 +159,6 @@ def _breakdown(step) -> dict:
 
 
 def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
-    import torch
 
     from evformer.bench._util import best_time
 
@@ -179,18 +170,7 @@ def _worker(lib: str, config: str, device: str, repeat: int, what: str) -> dict:
         return {"lib": lib, "config": config, "time_s": t, "params": params}
     if what == "breakdown":
         return {"lib": lib, "config": config, **_breakdown(step)}
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set size to the current one
-        base = _rss("VmRSS")
-        step()
-        peak = _rss("VmHWM") - base
+    peak = step_peak_bytes(step, device)
     return {"lib": lib, "config": config, "peak_mb": peak / 2**20, "params": params}
 
 
