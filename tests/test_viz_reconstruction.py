@@ -171,3 +171,23 @@ def test_save_figure_writes_a_png_atomically(tmp_path):
     out = save_figure(plot_mae_reconstructions(x, mask, pred, patch_size=P), tmp_path / "r.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.png"]  # no temporary left behind
+
+
+def test_event_panels_use_the_frames_colour_mapping():
+    """One colour mapping for events in evformer.viz: the event panels are
+    frames_to_rgb of the counts on the original's scale; one channel is read as ON."""
+    from evformer.viz import frames_to_rgb
+
+    x, mask, pred, raw = _case(2, N=1)
+    fig = plot_mae_reconstructions(x, mask, pred, patch_size=P)
+    expected = frames_to_rgb(raw[:1], vmax=float(raw[0].max()))[0]
+    np.testing.assert_allclose(_pixels(fig.axes[0]), expected, atol=1e-6)
+    one = x[:, 1:]  # the ON channel alone, shown as events on request
+    pred1 = torch.zeros(1, mask.shape[1], P * P)
+    fig1 = plot_mae_reconstructions(
+        one, mask, pred1, patch_size=P, norm_pix=False, channels_as_events=True
+    )
+    red = raw[0, 1] / raw[0, 1].max()
+    np.testing.assert_allclose(
+        _pixels(fig1.axes[0]), np.stack([red, 0 * red, 0 * red], -1), atol=1e-6
+    )
