@@ -588,6 +588,38 @@ def test_fused_masked_model_equals_reference_in_float64(T, stem_stages, in_chann
             torch.testing.assert_close(bb, ba, msg=n)
 
 
+@pytest.mark.parametrize("T", [1, 2])
+def test_fused_stem_carries_only_the_visible_rows(monkeypatch, T):
+    """The fused masked stem works on compact rows: every unit's input (after the image)
+    and output has one row per visible position of its stage, and the stem's tokens equal
+    the reference path's visible tokens (in ``ids_keep`` order)."""
+    ref = _mae("torch", T=T, stem_stages=3).double()
+    fused = _mae("numba", T=T, stem_stages=3).double()
+    fused.load_state_dict(ref.state_dict())
+    x_seq = ref.encoder.to_sequence(_image(ref, dtype=torch.float64))
+    masking = ref.random_masking(x_seq, _gen(4))
+    shapes = []
+    forward_rows = ConvBNLIF.forward_rows
+
+    def record(unit, x, taps):
+        out = forward_rows(unit, x, taps)
+        shapes.append((x.shape, out.shape))
+        return out
+
+    monkeypatch.setattr(ConvBNLIF, "forward_rows", record)
+    want = ref.forward_stem(x_seq, masking)
+    got = fused.forward_stem(x_seq, masking)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.shape == (T, 2, masking.len_keep, 32) and got.sum() > 0
+    keep = masking.len_keep
+    assert len(shapes) == 9  # three units in each of three stages
+    for i, (x_shape, out_shape) in enumerate(shapes):
+        rows = 2 * keep * 4 ** (2 - i // 3)  # B * visible positions of stage i // 3
+        assert out_shape[:2] == (T, rows) and len(out_shape) == 3, (i, out_shape)
+        if i:
+            assert len(x_shape) == 3 and x_shape[1] in (rows, 4 * rows), (i, x_shape)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_unit_refuses_pool_and_wrong_maps(backend):
     x = torch.rand(1, 2, 3, 8, 8)
@@ -604,16 +636,28 @@ def test_sparse_unit_refuses_pool_and_wrong_maps(backend):
     torch.testing.assert_close(unit(xd, torch.ones(2, 8, 8)), unit(xd), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("density", [0.0, 1.0])  # taps products / event-driven products
+@pytest.mark.parametrize("density", [0.0, 1.0])  # dense gathered products / event-driven
+@pytest.mark.parametrize("cin", [5, 16])  # one [K*Cin, Cout] product / one per tap
 @pytest.mark.parametrize("kind", ["down", "3x3", "3x3-recompute"])
 @pytest.mark.parametrize("T", [1, 2])
-def test_fused_sparse_unit_equals_reference_for_both_products(monkeypatch, density, kind, T):
-    """A masked fused unit, its product computed per kernel tap on the visible rows (density
-    limit 0) or event-driven over the input spikes (limit 1), against the reference in
-    float64: spikes, input / weight / BatchNorm gradients and running statistics."""
+def test_fused_sparse_unit_equals_reference_for_both_products(monkeypatch, density, cin, kind, T):
+    """A masked fused unit against the reference in float64 (spikes, input / weight /
+    BatchNorm gradients, running statistics), its products over the visible rows computed
+    from the gathered input rows (density limit 0: one product of all taps side by side for
+    few input channels, else one per kernel tap) or event-driven over the input spikes
+    through the gather table (limit 1)."""
     import evformer.kernels.fused as fused_mod
 
     monkeypatch.setattr(fused_mod, "SPARSE_MAX_DENSITY", density)
+    calls = []
+    kernels = fused_mod.get_kernels("numba")
+    for name in ("gather_conv_forward", "gather_conv_weight_grad"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels,
+            name,
+            staticmethod(lambda *a, _f=real, _n=name: calls.append(_n) or _f(*a)),
+        )
     conv = (
         dict(kernel_size=2, stride=2, padding=0, recompute=False)
         if kind == "down"
@@ -624,10 +668,10 @@ def test_fused_sparse_unit_equals_reference_for_both_products(monkeypatch, densi
     for backend in ("torch", "numba"):
         torch.manual_seed(0)
         lif = dataclasses.replace(SPIKFORMER_LIF, v_threshold=0.25)  # spikes at T = 1
-        units.append(ConvBNLIF(5, 7, lif=lif, backend=backend, **conv).double())
+        units.append(ConvBNLIF(cin, 7, lif=lif, backend=backend, **conv).double())
     units[1].load_state_dict(units[0].state_dict())
     g = _gen(3)
-    x = (torch.rand(T, 2, 5, H, H, generator=g, dtype=torch.float64) < 0.3).double()
+    x = (torch.rand(T, 2, cin, H, H, generator=g, dtype=torch.float64) < 0.3).double()
     visible = (torch.rand(2, 6, 6, generator=g) < 0.4).double()
     keep = upsample_mask(visible, H // 6).bool()[None, :, None].expand_as(x)
     x = torch.where(keep, x, torch.zeros_like(x)) * 2  # spike counts, 0 where masked
@@ -646,6 +690,10 @@ def test_fused_sparse_unit_equals_reference_for_both_products(monkeypatch, densi
         assert res[0][0].sum() > 0
         for ba, bb in zip(units[0].buffers(), units[1].buffers()):
             torch.testing.assert_close(bb, ba)
+    # the event-driven products ran exactly when allowed (forward, recompute, weight grad)
+    assert bool(calls) == (density > 0), calls
+    if density > 0:
+        assert set(calls) == {"gather_conv_forward", "gather_conv_weight_grad"}
 
 
 def test_masking_from_per_sample_noise_equals_the_generator_draw():

@@ -156,6 +156,92 @@ def test_team_and_prange_give_identical_results(monkeypatch, threads):
         assert torch.equal(a, b)
 
 
+def _gather_reference(x2, table, wr, gy):
+    """Plain NumPy loops: ``out[q] = sum_k x[table[k, q]] @ wr[k]`` (-1: nothing) and its
+    weight gradient ``gw[k] = sum_q outer(x[table[k, q]], gy[q])``."""
+    x2, table, wr, gy = (
+        t.double().numpy() if t.is_floating_point() else t.numpy() for t in (x2, table, wr, gy)
+    )
+    K, P = table.shape
+    out = np.zeros((P, wr.shape[2]))
+    gw = np.zeros(wr.shape)
+    for k in range(K):
+        for q in range(P):
+            r = table[k, q]
+            if r >= 0:
+                out[q] += x2[r] @ wr[k]
+                gw[k] += np.outer(x2[r], gy[q])
+    return out, gw
+
+
+@pytest.mark.parametrize("max_count", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_conv_products_equal_numpy_on_team_and_prange(monkeypatch, max_count, threads):
+    """The masked conv's event-driven products over a gather table (rows read by several
+    outputs, rows read by none, -1 entries) against NumPy loops, with bias; torch's OpenMP
+    team and Numba's prange give bit-identical results."""
+    g = torch.Generator().manual_seed(5)
+    x2 = _spikes((40, 11), 0.3, g, max_count)
+    table = torch.randint(-1, 40, (9, 23), generator=g)
+    table[:, 0] = -1  # an output row that reads nothing: its bias
+    wr = torch.randn(9, 11, 6, generator=g)
+    bias = torch.randn(6, generator=g)
+    gy = torch.randn(23, 6, generator=g)
+    want_out, want_gw = _gather_reference(x2, table, wr, gy)
+    results = []
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    flags = ("1", "0") if _torch_uses_openmp() else ("0",)
+    try:
+        for flag in flags:
+            monkeypatch.setenv("EVFORMER_OMP_TEAM", flag)
+            _omp_team.team.cache_clear()
+            rows = _rows(x2)
+            out = K.gather_conv_forward(rows, table, wr, bias)
+            gw = K.gather_conv_weight_grad(rows, table, gy)
+            results.append((out, gw))
+    finally:
+        torch.set_num_threads(old)
+        _omp_team.team.cache_clear()
+    out, gw = results[0]
+    np.testing.assert_allclose(
+        out.double().numpy(), want_out + bias.double().numpy(), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(gw.double().numpy(), want_gw, rtol=1e-5, atol=1e-5)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter():
+    """GatherTaps.input_grad (each input row gathers the output gradients of the rows that
+    read it, all taps in one product, in blocks) equals the scatter-add of every output
+    row's per-tap gradient, in float64, with T = 2 and blocks smaller than the rows."""
+    import evformer.kernels.fused as fused_mod
+
+    g = torch.Generator().manual_seed(6)
+    B, H, W, T = 2, 5, 6, 2
+    visible = torch.rand(B, H, W, generator=g) < 0.5
+    b, ho, wo = visible.nonzero(as_tuple=True)
+    in_rows = torch.full((B, H, W), -1, dtype=torch.long)
+    in_rows[b, ho, wo] = torch.arange(b.numel())
+    n_in = b.numel()
+    taps = fused_mod.GatherTaps.build(in_rows, b, ho, wo, (3, 3), 1, 1, n_in)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    gy = torch.randn(T * n_in, 4, generator=g, dtype=torch.float64)
+    want = torch.zeros(T, n_in + 1, 3, dtype=torch.float64)
+    wt = weight.permute(2, 3, 1, 0).reshape(9, 3, 4)
+    for t in range(T):
+        for k in range(9):
+            want[t].index_add_(0, taps.index[k], gy[t * n_in : (t + 1) * n_in] @ wt[k].t())
+    old = fused_mod._GATHER_BLOCK_BYTES
+    fused_mod._GATHER_BLOCK_BYTES = 9 * 4 * 8 * 3  # three rows per block
+    try:
+        got = taps.input_grad(gy, weight, T)
+    finally:
+        fused_mod._GATHER_BLOCK_BYTES = old
+    torch.testing.assert_close(got, want[:, :n_in], rtol=1e-12, atol=1e-12)
+
+
 # ---- the fused unit: event-driven vs dense
 
 

@@ -282,7 +282,72 @@ class NumbaKernels:
                     _np(rows.indptr), _np(rows.idx), vals_np, binary, H, W, _np(gy), sh, sw,
                     ph, pw, _np(slots),
                 )  # fmt: skip
-        return slots[0] if nslots == 1 else slots.sum(0)
+        return _sum_slots(slots)
+
+    @staticmethod
+    def gather_conv_forward(rows: SpikeRows, table, wr, bias):
+        """``[P, Cout]``: output row ``q`` sums ``X[table[k, q]] @ wr[k]`` over the taps
+        ``k`` (``table [K, P]`` int64 rows of the spike counts ``rows``, -1: none;
+        ``wr [K, Cin, Cout]``), plus ``bias``."""
+        Kt, Cin, Cout = wr.shape
+        P = table.shape[1]
+        dtype = wr.dtype
+        out = torch.empty((P, Cout), dtype=dtype)
+        has_bias = bias is not None
+        b = bias.contiguous() if has_bias else wr.new_empty(1)
+        binary = rows.vals is None
+        nchunks = K.num_chunks(P)
+        team = team_for(dtype, wr, b)
+        with torch.profiler.record_function("evformer::gather_conv_forward"):
+            if team is not None:
+                _run(
+                    team, SK.GATHER_FORWARD, dtype, nchunks, P=P, K=Kt, Cin=Cin, Cout=Cout,
+                    nrows=rows.indptr.numel() - 1, nnz=rows.nnz, indptr=rows.indptr,
+                    idx=rows.idx, vals=_vals(rows), binary=binary, table=table, wr=wr, bias=b,
+                    has_bias=has_bias, out=out,
+                )  # fmt: skip
+            else:
+                SK.gather_conv_forward(
+                    _np(rows.indptr), _np(rows.idx), _np(_vals(rows)), binary, _np(table),
+                    _np(wr), _np(b), has_bias, _np(out), nchunks,
+                )  # fmt: skip
+        return out
+
+    @staticmethod
+    def gather_conv_weight_grad(rows: SpikeRows, table, gy):
+        """Weight gradient ``[K, Cin, Cout]`` of :meth:`gather_conv_forward` for the output
+        gradient ``gy [P, Cout]`` (contiguous)."""
+        Kt, P = table.shape
+        Cout, Cin = gy.shape[1], rows.num_cols
+        dtype = gy.dtype
+        slot_bytes = Kt * Cin * Cout * gy.element_size()
+        nslots = max(1, min(torch.get_num_threads(), P, _MAX_SLOT_BYTES // slot_bytes))
+        slots = torch.empty((nslots, Kt, Cin, Cout), dtype=dtype)
+        binary = rows.vals is None
+        team = team_for(dtype, gy)
+        with torch.profiler.record_function("evformer::gather_conv_weight_grad"):
+            if team is not None:
+                _run(
+                    team, SK.GATHER_WEIGHT_GRAD, dtype, nslots, P=P, K=Kt, Cin=Cin, Cout=Cout,
+                    nrows=rows.indptr.numel() - 1, nnz=rows.nnz, indptr=rows.indptr,
+                    idx=rows.idx, vals=_vals(rows), binary=binary, table=table, gy=gy,
+                    gw_slots=slots,
+                )  # fmt: skip
+            else:
+                SK.gather_conv_weight_grad(
+                    _np(rows.indptr), _np(rows.idx), _np(_vals(rows)), binary, _np(table),
+                    _np(gy), _np(slots),
+                )  # fmt: skip
+        return _sum_slots(slots)
+
+
+def _sum_slots(slots: torch.Tensor) -> torch.Tensor:
+    """The sum of the per-chunk partial weight gradients ``slots [n, ...]``, added into
+    ``slots[0]`` in slot order (no weight-sized temporary: at 5 M weights each is 21 MB)."""
+    out = slots[0]
+    for i in range(1, slots.shape[0]):
+        out.add_(slots[i])
+    return out
 
 
 def _vals(rows: SpikeRows) -> torch.Tensor:

@@ -30,16 +30,17 @@ with the spike count) and the input is kept for the backward pass by rows (CSR),
 smaller than uint8 at such densities. The input gradient stays a dense oneDNN product.
 
 Sparse convolution and sparse BatchNorm (masked pretraining, SparK / ConvMAE): a conv unit
-may be given the *visible* rows of its output (``[Rv]`` indices into the ``R = B*H'*W'``
-positions of one time step, the same rows at every step). Its product is then computed for
-the visible output rows only: event-driven over the input spikes when they are sparse
-enough (the zeros at masked positions lower the density), else a gather and a matrix
-product per kernel tap (:class:`_VisibleTaps`); the weight gradient likewise, the input
-gradient per tap from the visible rows' output gradient. BatchNorm statistics, running
-statistics and the LIF run on the visible rows; every masked position gets BN output 0,
-membrane 0 and no spike (and gradient 0). The work scales with the visible fraction. The
-kernel sets need no mask argument (the unit gathers and scatters rows around them), so
-every fused backend takes the mask.
+may be given a :class:`GatherTaps` table, the input row each kernel tap reads for each
+*visible* output row (the same rows at every time step), with one shared zero row for
+masked and out-of-image neighbours. It then works on compact rows only: its input is
+``[T, n_in, Cin]`` rows (or a dense ``[T, B, Cin, H, W]`` map, read as ``B*H*W`` rows), its
+product is a gather and a matrix product per tap (one ``[K*Cin, Cout]`` product for few
+input channels) over the visible rows, and its output is the spikes of the visible rows,
+``[T, Rv, Cout]``, never a full-resolution map. BatchNorm statistics, running statistics
+and the LIF run on those rows; the input gradient is an index-add over the taps into the
+input rows (the zero row's share dropped), the weight gradient comes from the gathered
+rows. The work and the memory scale with the visible fraction. The kernel sets need no
+mask argument (the unit gathers rows around them), so every fused backend takes the mask.
 
 Shapes: conv units take ``[T, B, C, H, W]`` and compute in channels-last memory; linear
 units take ``[T, ..., C]``; everything is time first.
@@ -48,7 +49,7 @@ units take ``[T, ..., C]``; everything is time first.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ from evformer.kernels.types import LIFParams, SpikeRows
 __all__ = [
     "SPARSE_MAX_DENSITY",
     "SPARSE_WEIGHT_BYTES",
+    "GatherTaps",
     "SynapseSpec",
     "iand",
     "lif_fused",
@@ -151,9 +153,9 @@ class SynapseSpec:
     padding: int = 0
     pool: bool = False  # 3x3 / stride 2 / pad 1 max-pool on the spikes (SPS)
     recompute: bool = False  # recompute Y in backward instead of storing it
-    # visible output rows ``[Rv]`` (int64 indices into B*H'*W', same rows at every time
-    # step): sparse BatchNorm + LIF on those rows only, zeros elsewhere (conv units only)
-    visible_rows: torch.Tensor | None = None
+    # masked conv (conv units without pool only): the visible output rows' reads, compact
+    # rows in and out (:class:`GatherTaps`), sparse BatchNorm + LIF on those rows only
+    taps: GatherTaps | None = None
 
 
 def _conv_view(t2: torch.Tensor, groups: int) -> torch.Tensor:
@@ -227,75 +229,149 @@ def _conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-#: fewest input channels at which a masked conv computes its visible rows per kernel tap
-#: (below, one dense product and a gather of the visible rows is faster)
+#: fewest input channels at which a masked conv runs one matrix product per kernel tap
+#: (below, the taps' rows are gathered side by side into one ``[K*Cin, Cout]`` product: per
+#: tap products of inner size 2-3 are slow)
 _TAPS_MIN_CHANNELS = 16
 
 
 @dataclass
-class _VisibleTaps:
-    """Where each kernel tap of a conv reads for the visible output rows.
+class GatherTaps:
+    """Where a masked conv reads: ``index[k, i]`` is the input row (of one time step) that
+    kernel tap ``k = kh*KW + kw`` reads for visible output row ``i``, in ``[0, n_in]``, where
+    row ``n_in`` is a shared zero row (a masked or out-of-image neighbour). The same rows at
+    every time step; build once per batch and layout, share between units reading the same
+    rows (the two 3x3 convs of an SCS stage)."""
 
-    The input ``[TB, H, W, Cin]`` is zero-padded to ``[TB, Hp, Wp, Cin]`` and seen as rows
-    ``[TB*Hp*Wp, Cin]``; visible output row ``(t, r)`` (``r`` into ``B*Ho*Wo``, the same rows
-    at every step) reads row ``base[t*Rv + i] + offsets[k]`` for tap ``k = kh*KW + kw``.
-    """
-
-    base: torch.Tensor  # [T*Rv] int64
-    offsets: tuple[int, ...]
-    padding: int
-    in_shape: tuple[int, int, int, int]  # TB, H, W, Cin
-    out_hw: tuple[int, int]  # Ho, Wo
+    index: torch.Tensor  # [K, Rv] int64
+    n_in: int
+    kernel: tuple[int, int]
+    _steps: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def build(cls, vis, T: int, B: int, in_shape, kernel, stride: int, padding: int):
-        TB, H, W, _ = in_shape
+    def build(cls, in_rows, b, ho, wo, kernel, stride: int, padding: int, n_in: int):
+        """The table of a ``kernel`` conv (``stride``, ``padding``) whose input position
+        ``(b, h, w)`` is row ``in_rows[b, h, w]`` (``[B, H, W]`` int64, -1: masked) of ``n_in``
+        rows, for the visible output positions ``(b[i], ho[i], wo[i])`` in row order."""
         KH, KW = kernel
-        Ho, Wo = _conv_out_size(H, KH, stride, padding), _conv_out_size(W, KW, stride, padding)
-        Hp, Wp = H + 2 * padding, W + 2 * padding
-        b, rem = vis // (Ho * Wo), vis % (Ho * Wo)
-        ho, wo = rem // Wo, rem % Wo
-        tb = torch.arange(T, device=vis.device).view(T, 1) * B + b.view(1, -1)
-        base = ((tb * Hp + ho * stride) * Wp + wo * stride).reshape(-1)
-        offsets = tuple(kh * Wp + kw for kh in range(KH) for kw in range(KW))
-        return cls(base, offsets, padding, tuple(in_shape), (Ho, Wo))
+        _, H, W = in_rows.shape
+        dev = in_rows.device
+        dh = torch.arange(KH, device=dev).repeat_interleave(KW).view(-1, 1)
+        dw = torch.arange(KW, device=dev).repeat(KH).view(-1, 1)
+        hi = ho.view(1, -1) * stride - padding + dh  # [K, Rv]
+        wi = wo.view(1, -1) * stride - padding + dw
+        inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        idx = in_rows[b.view(1, -1), hi.clamp(0, H - 1), wi.clamp(0, W - 1)]
+        idx = torch.where(inside & (idx >= 0), idx, torch.full_like(idx, n_in))
+        return cls(idx.contiguous(), int(n_in), (KH, KW))
 
-    def padded_rows(self, x_phys: torch.Tensor) -> torch.Tensor:
-        """``[TB, H, W, Cin]`` -> zero-padded rows ``[TB*Hp*Wp, Cin]``."""
-        p = self.padding
-        xp = F.pad(x_phys, (0, 0, p, p, p, p)) if p else x_phys.contiguous()
-        return xp.reshape(-1, x_phys.shape[-1])
+    @property
+    def rows(self) -> int:
+        """Visible output rows per time step."""
+        return self.index.shape[1]
 
-    def forward(self, x_phys: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        """The conv at the visible output rows: ``[T*Rv, Cout]``."""
-        xr = self.padded_rows(x_phys)
-        wt = weight.permute(2, 3, 1, 0).reshape(len(self.offsets), *weight.shape[1::-1])
+    def _cached(self, key, make):
+        if key not in self._steps:
+            self._steps[key] = make()
+        return self._steps[key]
+
+    def steps(self, T: int) -> torch.Tensor:
+        """``[K, T*Rv]`` rows into the ``T*(n_in + 1)`` rows of :meth:`input_rows`."""
+        if T == 1:
+            return self.index
+
+        def make():
+            t = torch.arange(T, device=self.index.device).view(1, T, 1) * (self.n_in + 1)
+            return (self.index.unsqueeze(1) + t).reshape(self.index.shape[0], -1)
+
+        return self._cached(("steps", T), make)
+
+    def spike_table(self, T: int) -> torch.Tensor:
+        """``[K, T*Rv]`` rows into the ``T*n_in`` input rows themselves (the spike rows of
+        the event-driven products), -1 for the zero row."""
+
+        def make():
+            t = torch.arange(T, device=self.index.device).view(1, T, 1) * self.n_in
+            idx = self.index.unsqueeze(1).expand(-1, T, -1)
+            return torch.where(idx < self.n_in, idx + t, -1).reshape(idx.shape[0], -1)
+
+        return self._cached(("spikes", T), make)
+
+    def reverse(self, T: int) -> torch.Tensor:
+        """``[K, T*n_in]``: the output row (into the ``T*(Rv + 1)`` rows of the output
+        gradient with a zero row after each step's ``Rv``) that reads input row ``j`` through
+        tap ``k``, or that step's zero row. For one tap the reads of different output rows
+        are different input rows (a tap is a fixed offset), so the input gradient is a
+        gather, never a scatter-add."""
+
+        def make():
+            K, Rv = self.index.shape
+            rev = torch.full((K, self.n_in + 1), Rv, dtype=torch.long, device=self.index.device)
+            rev.scatter_(1, self.index, torch.arange(Rv, device=rev.device).expand(K, -1))
+            rev = rev[:, : self.n_in]  # the zero row's own entry is meaningless: dropped
+            t = torch.arange(T, device=rev.device).view(1, T, 1) * (Rv + 1)
+            return (rev.unsqueeze(1) + t).reshape(K, -1)
+
+        return self._cached(("reverse", T), make)
+
+    def input_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Input rows ``[T, n_in, Cin]`` (float, or uint8 spike counts) plus the zero row of
+        each step, as ``[T*(n_in + 1), Cin]`` in ``dtype``."""
+        T, _, Cin = x.shape
+        xr = torch.zeros(T, self.n_in + 1, Cin, dtype=dtype, device=x.device)
+        xr[:, : self.n_in].copy_(x)
+        return xr.view(-1, Cin)
+
+    def _gathered(self, xr: torch.Tensor, T: int) -> torch.Tensor:
+        """All taps' rows side by side: ``[T*Rv, K*Cin]``."""
+        idx = self.steps(T)
+        return xr.index_select(0, idx.t().reshape(-1)).view(idx.shape[1], -1)
+
+    def forward(self, xr: torch.Tensor, weight: torch.Tensor, bias, T: int) -> torch.Tensor:
+        """The conv at the visible output rows, ``[T*Rv, Cout]``, from :meth:`input_rows`
+        (dense products: a gather and a matrix product per tap)."""
+        Cout, Cin = weight.shape[:2]
+        wt = weight.permute(2, 3, 1, 0).reshape(-1, Cin, Cout)
+        idx = self.steps(T)
         if bias is None:
-            y = xr.new_zeros(self.base.numel(), weight.shape[0])
+            y = xr.new_zeros(idx.shape[1], Cout)
         else:
-            y = bias.to(xr.dtype).expand(self.base.numel(), -1).clone()
-        for k, off in enumerate(self.offsets):
-            y.addmm_(xr.index_select(0, self.base + off), wt[k])
+            y = bias.to(xr.dtype).expand(idx.shape[1], -1).clone()
+        if Cin < _TAPS_MIN_CHANNELS:
+            return y.addmm_(self._gathered(xr, T), wt.reshape(-1, Cout))
+        for k in range(idx.shape[0]):
+            y.addmm_(xr.index_select(0, idx[k]), wt[k])
         return y
 
-    def backward(self, x_phys, weight, gy, need_x: bool, need_w: bool):
-        """(input gradient ``[TB, H, W, Cin]`` or None, weight gradient or None) for the
-        output gradient ``gy [T*Rv, Cout]`` at the visible rows."""
-        Cout, Cin, KH, KW = weight.shape
-        wt = weight.permute(2, 3, 1, 0).reshape(KH * KW, Cin, Cout)
-        grad_x = grad_w = None
-        if need_w:
-            xr = self.padded_rows(x_phys)
-            gw = torch.stack([xr.index_select(0, self.base + o).t().mm(gy) for o in self.offsets])
-            grad_w = gw.view(KH, KW, Cin, Cout).permute(3, 2, 0, 1).contiguous()
-        if need_x:
-            TB, H, W, _ = self.in_shape
-            p = self.padding
-            gxp = gy.new_zeros(TB * (H + 2 * p) * (W + 2 * p), Cin)
-            for k, off in enumerate(self.offsets):  # rows of one tap are distinct
-                gxp.index_add_(0, self.base + off, gy.mm(wt[k].t()))
-            grad_x = gxp.view(TB, H + 2 * p, W + 2 * p, Cin)[:, p : p + H, p : p + W]
-        return grad_x, grad_w
+    def weight_grad(self, xr: torch.Tensor, gy: torch.Tensor, T: int) -> torch.Tensor:
+        """``[K, Cin, Cout]`` weight gradient of :meth:`forward` for ``gy [T*Rv, Cout]``."""
+        idx = self.steps(T)
+        if xr.shape[1] < _TAPS_MIN_CHANNELS:
+            return self._gathered(xr, T).t().mm(gy).view(idx.shape[0], xr.shape[1], -1)
+        return torch.stack([xr.index_select(0, i).t().mm(gy) for i in idx])
+
+    def input_grad(self, gy: torch.Tensor, weight: torch.Tensor, T: int) -> torch.Tensor:
+        """Input gradient ``[T, n_in, Cin]`` for the output gradient ``gy [T*Rv, Cout]``:
+        each input row gathers the output gradients of the rows that read it, all taps side
+        by side, and takes one ``[K*Cout, Cin]`` product, in blocks of rows (the gathered
+        block stays below :data:`_GATHER_BLOCK_BYTES`)."""
+        Cout, Cin = weight.shape[:2]
+        K = weight.shape[2] * weight.shape[3]
+        gye = torch.cat([gy.view(T, -1, Cout), gy.new_zeros(T, 1, Cout)], 1).view(-1, Cout)
+        wt = weight.permute(2, 3, 0, 1).reshape(K * Cout, Cin)  # [(k, o), c]
+        rev = self.reverse(T)
+        n = rev.shape[1]
+        out = gy.new_empty(n, Cin)
+        step = max(1, _GATHER_BLOCK_BYTES // (K * Cout * gy.element_size()))
+        for j0 in range(0, n, step):
+            j1 = min(n, j0 + step)
+            g = gye.index_select(0, rev[:, j0:j1].t().reshape(-1)).view(j1 - j0, K * Cout)
+            torch.mm(g, wt, out=out[j0:j1])
+        return out.view(T, self.n_in, Cin)
+
+
+#: largest block of gathered output gradients in a masked conv's input gradient
+_GATHER_BLOCK_BYTES = 16 * 2**20
 
 
 def _product(
@@ -324,21 +400,6 @@ def _product(
     return out.permute(0, 3, 1, 2)
 
 
-def _visible_product(spec, kernels, x_phys, rows, taps, w_c, b_c, T: int, vis) -> torch.Tensor:
-    """A masked conv unit's product at the visible output rows, ``[T, Rv, Cout]``:
-    event-driven over the input spikes when ``rows`` is given (the work scales with the
-    spikes, which are 0 at masked positions), else one matrix product per kernel tap over the
-    visible rows."""
-    Cout, Cin = w_c.shape[:2]
-    if rows is None and Cin >= _TAPS_MIN_CHANNELS:
-        return taps.forward(x_phys.to(w_c.dtype), w_c, b_c).view(T, -1, Cout)
-    # event-driven, or a dense product for few input channels (a first layer on 2-3
-    # channels: per-tap matrix products of inner size Cin are slower than one dense conv)
-    x_in = None if rows is not None else x_phys.to(w_c.dtype)
-    y = _product(spec, kernels, x_in, rows, taps.in_shape, w_c, b_c, 1)
-    return y.permute(0, 2, 3, 1).reshape(T, -1, Cout).index_select(1, vis)
-
-
 class _SynapseBNLIF(torch.autograd.Function):
     """Under autocast the conv/linear products (forward and backward) run in the autocast
     dtype, as autocast would run them, while BatchNorm statistics and the LIF kernels work in
@@ -353,7 +414,13 @@ class _SynapseBNLIF(torch.autograd.Function):
             w_c = weight.to(cdt)
             b_c = None if bias is None else bias.to(cdt)
             groups = 1
-            if spec.kind == "linear":
+            taps = spec.taps
+            if taps is not None:  # compact rows [T, n_in, Cin], or a dense [T, B, Cin, H, W]
+                T = x.shape[0]
+                x_phys = x.permute(0, 1, 3, 4, 2) if x.dim() == 5 else x
+                x_phys = x_phys.reshape(T, taps.n_in, x.shape[-3 if x.dim() == 5 else -1])
+                x_phys = x_phys.contiguous()
+            elif spec.kind == "linear":
                 lead = x.shape[:-1]
                 x_phys = x.reshape(-1, x.shape[-1])  # [M, Cin]
                 groups = x.shape[0] * x.shape[1] if x.dim() >= 3 else 1
@@ -362,8 +429,7 @@ class _SynapseBNLIF(torch.autograd.Function):
                 x4 = x.flatten(0, 1).contiguous(memory_format=torch.channels_last)
                 x_phys = x4.permute(0, 2, 3, 1)  # [TB, H, W, Cin], contiguous
             # keep the input for backward as spike rows (sparse), uint8 counts, or floats
-            rows = packed_x = taps = None
-            vis = spec.visible_rows
+            rows = packed_x = None
             if _sparse_ok(kernels, x, cdt):
                 scan = kernels.scan_counts(x_phys.reshape(-1, x_phys.shape[-1]))
                 if scan is not None:
@@ -374,14 +440,14 @@ class _SynapseBNLIF(torch.autograd.Function):
                         packed_x = packed2.view(x_phys.shape)
             elif needs_grad:
                 packed_x = kernels.pack(x_phys)
-            if vis is not None:
-                taps = _VisibleTaps.build(
-                    vis, T, B, tuple(x_phys.shape), tuple(w_c.shape[2:]), spec.stride,
-                    spec.padding,
-                )  # fmt: skip
-                C, (Ho, Wo) = w_c.shape[0], taps.out_hw
-                TB, R = T * B, B * Ho * Wo
-                y3 = _visible_product(spec, kernels, x_phys, rows, taps, w_c, b_c, T, vis)
+            if taps is not None:
+                C = w_c.shape[0]
+                if rows is not None:  # event-driven over the visible rows' input spikes
+                    wr = w_c.permute(2, 3, 1, 0).reshape(-1, *w_c.shape[1::-1]).contiguous()
+                    y3 = kernels.gather_conv_forward(rows, taps.spike_table(T), wr, b_c)
+                else:
+                    y3 = taps.forward(taps.input_rows(x_phys, cdt), w_c, b_c, T)
+                y3 = y3.view(T, -1, C)
             else:
                 y = _product(spec, kernels, x_phys.to(cdt), rows, x_phys.shape, w_c, b_c, groups)
                 if spec.kind == "linear":
@@ -397,10 +463,9 @@ class _SynapseBNLIF(torch.autograd.Function):
             shift = (bn_bias.detach().to(kdt) - mean * scale).contiguous()
             want_packed = needs_grad and spec.pool
             spikes3, packed3 = kernels.bn_lif_forward(y3k, scale, shift, spec.lif, want_packed)
-            if vis is not None:  # masked positions: no input, membrane 0, no spike
-                full = spikes3.new_zeros(spikes3.shape[0], R, C)
-                spikes3 = full.index_copy_(1, vis, spikes3)
-            if spec.kind == "linear":
+            if taps is not None:  # the visible rows' spikes, compact
+                out = spikes3
+            elif spec.kind == "linear":
                 out = spikes3.view(*lead, C)
             else:
                 out4 = spikes3.view(TB, Ho, Wo, C).permute(0, 3, 1, 2)
@@ -431,9 +496,9 @@ class _SynapseBNLIF(torch.autograd.Function):
             ctx.has_bias = bias is not None
             ctx.x_rows = rows is not None
             ctx.shapes = (tuple(x.shape), tuple(x_phys.shape), tuple(spikes3.shape))
-            ctx.visible_rows, ctx.taps = vis, taps
+            ctx.taps = taps
             ctx.groups = groups
-            if spec.kind == "conv":
+            if spec.kind == "conv" and taps is None:
                 ctx.conv_shape = (T, B, TB, C, Ho, Wo)
         return out
 
@@ -458,13 +523,18 @@ class _SynapseBNLIF(torch.autograd.Function):
         rows = x_phys = None
         if ctx.x_rows:
             rows = SpikeRows.from_tensors(x_saved, phys_shape[-1])
+        elif ctx.taps is not None:  # read straight into the gather rows (uint8 counts exact)
+            x_phys = x_saved[0]
         else:
             x_phys = x_saved[0]
             x_phys = kernels.unpack(x_phys, cdt) if x_phys.dtype == torch.uint8 else x_phys
             x_phys = x_phys.to(cdt)
         own_buffer = False  # may the LIF backward overwrite grad-spikes in place?
         grad_out = grad_out.to(kdt)
-        if spec.kind == "linear":
+        taps = ctx.taps
+        if taps is not None:
+            gs3 = grad_out.contiguous().view(s_shape)
+        elif spec.kind == "linear":
             gs3 = grad_out.contiguous().view(s_shape)
         else:
             Tt, B, TB, C, Ho, Wo = ctx.conv_shape
@@ -476,12 +546,16 @@ class _SynapseBNLIF(torch.autograd.Function):
                 own_buffer = True
             else:
                 gs3 = g4.permute(0, 2, 3, 1).reshape(s_shape)
-        vis = ctx.visible_rows
-        if vis is not None:  # the visible rows only (a fresh buffer: may be overwritten)
-            gs3 = gs3.index_select(1, vis)
-            own_buffer = True
-        if spec.recompute and vis is not None:
-            y3 = _visible_product(spec, kernels, x_phys, rows, ctx.taps, w_c, b_c, s_shape[0], vis)
+        xr = None  # a masked conv's dense input rows, when its products are not event-driven
+        if taps is not None and rows is None:
+            xr = taps.input_rows(x_phys, cdt)
+        if spec.recompute and taps is not None:
+            if rows is not None:
+                wr = w_c.permute(2, 3, 1, 0).reshape(-1, *w_c.shape[1::-1]).contiguous()
+                y3 = kernels.gather_conv_forward(rows, taps.spike_table(s_shape[0]), wr, b_c)
+            else:
+                y3 = taps.forward(xr, w_c, b_c, s_shape[0])
+            y3 = y3.view(s_shape)
         elif spec.recompute:
             y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
             y3 = (y if spec.kind == "linear" else y.permute(0, 2, 3, 1)).reshape(s_shape)
@@ -518,20 +592,22 @@ class _SynapseBNLIF(torch.autograd.Function):
             # for the batch mean (training) while b = d = 0 in eval: no pass over dL/dY needed
             grad_b = (a * sum_g + M * d).to(weight.dtype).to(dev)
         x_like = x_phys
-        if x_like is None and need_x and vis is None:  # oneDNN reads only shape and layout
+        if x_like is None and need_x and taps is None:  # oneDNN reads only shape and layout
             x_like = torch.empty(phys_shape, dtype=cdt, device=dev)
-        if vis is not None:  # dL/dY at the visible rows only (masked rows: BN output is 0)
-            gx, grad_w = ctx.taps.backward(x_phys, w_c, gy2, need_x, need_w and rows is None)
-            if gx is not None:
-                grad_x = gx.permute(0, 3, 1, 2).unflatten(0, ctx.conv_shape[:2])
-            if need_w and rows is not None:  # event-driven, over the input spikes
-                H, W = phys_shape[1:3]
-                s, p = (spec.stride, spec.stride), (spec.padding, spec.padding)
-                gy_full = gy2.new_zeros(s_shape).index_copy_(1, vis, gy2.view(y3.shape))
-                gw = kernels.sparse_conv_weight_grad(
-                    rows, TB, H, W, gy_full.view(TB, Ho, Wo, C), tuple(w_c.shape[2:]), s, p
-                )
-                grad_w = gw.permute(3, 2, 0, 1).contiguous()
+        if taps is not None:  # dL/dY at the visible rows only
+            T_ = s_shape[0]
+            if need_w:
+                if rows is not None:  # event-driven, over the input spikes
+                    gw = kernels.gather_conv_weight_grad(rows, taps.spike_table(T_), gy2)
+                else:
+                    gw = taps.weight_grad(xr, gy2, T_)
+                KH, KW = taps.kernel
+                grad_w = gw.view(KH, KW, *gw.shape[1:]).permute(3, 2, 0, 1)  # a view
+            if need_x:
+                grad_x = taps.input_grad(gy2, w_c, T_)
+                if len(x_shape) == 5:  # a dense input map
+                    _, B_, Cin, H, W = x_shape
+                    grad_x = grad_x.view(T_, B_, H, W, Cin).permute(0, 1, 4, 2, 3)
         elif spec.kind == "linear":
             if need_w:
                 if rows is None:
@@ -569,7 +645,7 @@ class _SynapseBNLIF(torch.autograd.Function):
                 gw = kernels.sparse_conv_weight_grad(
                     rows, TB, H, W, gy2.view(TB, Ho, Wo, C), tuple(w_c.shape[2:]), s, p
                 )
-                grad_w = gw.permute(3, 2, 0, 1).contiguous()
+                grad_w = gw.permute(3, 2, 0, 1)  # a view: autograd lays it out once
         return (
             None if grad_x is None else grad_x.to(x_dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -600,14 +676,21 @@ def synapse_bn_lif(
     """Fused ``conv|linear -> BatchNorm -> LIF [-> max-pool]`` (see module docstring).
 
     ``x``: ``[T, B, Cin, H, W]`` (conv) or ``[T, ..., Cin]`` (linear); returns spikes
-    ``[T, B, C, H', W']`` (a channels-last view) or ``[T, ..., C]``. With
-    ``spec.visible_rows`` (conv, no pool) the unit is a sparse conv + sparse BatchNorm.
+    ``[T, B, C, H', W']`` (a channels-last view) or ``[T, ..., C]``. With ``spec.taps``
+    (conv, no pool) the unit is a sparse conv + sparse BatchNorm on compact rows: ``x``
+    ``[T, n_in, Cin]`` rows (or a dense ``[T, B, Cin, H, W]``), spikes ``[T, Rv, C]`` of the
+    visible rows out (:class:`GatherTaps`).
     """
-    if spec.visible_rows is not None and (spec.kind != "conv" or spec.pool):
-        raise ValueError(
-            "visible rows (sparse conv + BatchNorm) need a conv unit without max-pool, got "
-            f"kind={spec.kind!r}, pool={spec.pool}"
-        )
+    if spec.taps is not None:
+        if spec.kind != "conv" or spec.pool:
+            raise ValueError(
+                "visible rows (sparse conv + BatchNorm) need a conv unit without max-pool, got "
+                f"kind={spec.kind!r}, pool={spec.pool}"
+            )
+        if tuple(weight.shape[2:]) != spec.taps.kernel:
+            raise ValueError(
+                f"gather table of a {spec.taps.kernel} kernel for a {tuple(weight.shape[2:])} conv"
+            )
     params = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*params, bn.weight, bn.bias)

@@ -139,6 +139,21 @@ class EventDrivenKernels(KernelSet, Protocol):
         """Weight gradient ``[KH, KW, Cin, Cout]`` of :meth:`sparse_conv_forward` for the
         output gradient ``gy [N, Ho, Wo, Cout]``."""
 
+    @staticmethod
+    def gather_conv_forward(
+        rows: SpikeRows, table: torch.Tensor, wr: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A conv whose reads are listed (a masked conv on compact rows): ``[P, Cout]``,
+        output row ``q`` = ``sum_k X[table[k, q]] @ wr[k]`` (+ bias) over the spike counts
+        ``rows`` (``table [K, P]`` int64, -1: a zero row; ``wr [K, Cin, Cout]``)."""
+
+    @staticmethod
+    def gather_conv_weight_grad(
+        rows: SpikeRows, table: torch.Tensor, gy: torch.Tensor
+    ) -> torch.Tensor:
+        """Weight gradient ``[K, Cin, Cout]`` of :meth:`gather_conv_forward` for the output
+        gradient ``gy [P, Cout]``."""
+
 
 def _triton_available() -> bool:
     try:

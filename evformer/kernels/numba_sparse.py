@@ -40,6 +40,8 @@ __all__ = [
     "fill_rows",
     "sparse_conv_forward",
     "sparse_conv_weight_grad",
+    "gather_conv_forward",
+    "gather_conv_weight_grad",
     "team_trampolines",
 ]
 
@@ -108,6 +110,69 @@ def fill_rows(packed, indptr, idx, vals, want_vals, nchunks):
 
 
 @njit(cache=True, error_model="numpy")
+def _add_weight_rows(acc, wrows, sel, vv, cnt, binary):
+    """``acc [Cout] += sum_j vv[j] * wrows[sel[j]]`` over the ``cnt`` selected weight rows
+    (``vv`` not read when ``binary``), four rows per pass over ``acc`` (fewer loads and
+    stores of it than one row at a time)."""
+    Cout = acc.shape[0]
+    j = 0
+    # 1-D row views: indexing them vectorises, offset arithmetic into one flat array
+    # measured ~10x slower
+    if binary:
+        while j + 4 <= cnt:
+            w0, w1, wc, w3 = wrows[sel[j]], wrows[sel[j + 1]], wrows[sel[j + 2]], wrows[sel[j + 3]]
+            for k in range(Cout):
+                acc[k] += (w0[k] + w1[k]) + (wc[k] + w3[k])
+            j += 4
+        while j < cnt:
+            w0 = wrows[sel[j]]
+            for k in range(Cout):
+                acc[k] += w0[k]
+            j += 1
+    else:
+        while j + 4 <= cnt:
+            w0, w1, wc, w3 = wrows[sel[j]], wrows[sel[j + 1]], wrows[sel[j + 2]], wrows[sel[j + 3]]
+            v0, v1, v2, v3 = vv[j], vv[j + 1], vv[j + 2], vv[j + 3]
+            for k in range(Cout):
+                acc[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * wc[k] + v3 * w3[k])
+            j += 4
+        while j < cnt:
+            w0 = wrows[sel[j]]
+            v0 = vv[j]
+            for k in range(Cout):
+                acc[k] += v0 * w0[k]
+            j += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _output_row(acc, bias, has_bias, wrows, sel, vv, cnt, binary):
+    """One output row ``acc [Cout]``: the bias (or 0) plus the selected weight rows."""
+    if has_bias:
+        acc[:] = bias
+    else:
+        acc[:] = 0
+    _add_weight_rows(acc, wrows, sel, vv, cnt, binary)
+
+
+@njit(cache=True, error_model="numpy")
+def _add_to_weight_rows(grows, g, sel, vv, cnt, binary):
+    """Each selected spike adds the output gradient ``g [Cout]`` (times its count unless
+    ``binary``) to its own weight-gradient row ``grows[sel[j]]``."""
+    Cout = g.shape[0]
+    if binary:
+        for j in range(cnt):
+            grow = grows[sel[j]]
+            for k in range(Cout):
+                grow[k] += g[k]
+    else:
+        for j in range(cnt):
+            grow = grows[sel[j]]
+            v = vv[j]
+            for k in range(Cout):
+                grow[k] += v * g[k]
+
+
+@njit(cache=True, error_model="numpy")
 def _select_rows(q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv):
     """The spikes output position ``q`` (flat over ``[N, Ho, Wo]``) sees through a
     ``KH x KW`` window: their weight-row indices ``(kh*KW + kw)*Cin + c`` into ``sel`` and,
@@ -144,8 +209,7 @@ def _sparse_conv_forward_chunk(
     KH, KW, Cin, Cout = wr.shape
     N, Ho, Wo, _ = out.shape
     wrows = wr.reshape(KH * KW * Cin, Cout)
-    # per output position: the weight rows its spikes select, then summed four rows per
-    # pass over the output row (fewer loads and stores of it than one row at a time)
+    # per output position: the weight rows its spikes select, then their sum
     sel = np.empty(KH * KW * Cin, dtype=np.int64)
     vv = np.empty(KH * KW * Cin, dtype=wr.dtype)
     P = N * Ho * Wo
@@ -154,48 +218,7 @@ def _sparse_conv_forward_chunk(
         cnt, n, oh, ow = _select_rows(
             q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv
         )
-        acc = out[n, oh, ow]
-        if has_bias:
-            acc[:] = bias
-        else:
-            acc[:] = 0
-        j = 0
-        # 1-D row views: indexing them vectorises, offset arithmetic into one flat array
-        # measured ~10x slower
-        if binary:
-            while j + 4 <= cnt:
-                w0, w1, wc, w3 = (
-                    wrows[sel[j]],
-                    wrows[sel[j + 1]],
-                    wrows[sel[j + 2]],
-                    wrows[sel[j + 3]],
-                )
-                for k in range(Cout):
-                    acc[k] += (w0[k] + w1[k]) + (wc[k] + w3[k])
-                j += 4
-            while j < cnt:
-                w0 = wrows[sel[j]]
-                for k in range(Cout):
-                    acc[k] += w0[k]
-                j += 1
-        else:
-            while j + 4 <= cnt:
-                w0, w1, wc, w3 = (
-                    wrows[sel[j]],
-                    wrows[sel[j + 1]],
-                    wrows[sel[j + 2]],
-                    wrows[sel[j + 3]],
-                )
-                v0, v1, v2, v3 = vv[j], vv[j + 1], vv[j + 2], vv[j + 3]
-                for k in range(Cout):
-                    acc[k] += (v0 * w0[k] + v1 * w1[k]) + (v2 * wc[k] + v3 * w3[k])
-                j += 4
-            while j < cnt:
-                w0 = wrows[sel[j]]
-                v0 = vv[j]
-                for k in range(Cout):
-                    acc[k] += v0 * w0[k]
-                j += 1
+        _output_row(out[n, oh, ow], bias, has_bias, wrows, sel, vv, cnt, binary)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -228,19 +251,7 @@ def _sparse_conv_weight_grad_chunk(
         cnt, n, oh, ow = _select_rows(
             q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv
         )
-        g = gy[n, oh, ow]
-        # each spike adds this position's output gradient to its own weight row
-        if binary:
-            for j in range(cnt):
-                grow = grows[sel[j]]
-                for k in range(Cout):
-                    grow[k] += g[k]
-        else:
-            for j in range(cnt):
-                grow = grows[sel[j]]
-                v = vv[j]
-                for k in range(Cout):
-                    grow[k] += v * g[k]
+        _add_to_weight_rows(grows, gy[n, oh, ow], sel, vv, cnt, binary)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -253,6 +264,78 @@ def sparse_conv_weight_grad(indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw,
         _sparse_conv_weight_grad_chunk(
             i, nchunks, indptr, idx, vals, binary, H, W, gy, sh, sw, ph, pw, gw_slots
         )
+
+
+# ---- masked convs on compact rows: each output row reads the input rows of a gather table
+
+
+@njit(cache=True, error_model="numpy")
+def _select_table_rows(q, table, indptr, idx, vals, binary, Cin, sel, vv):
+    """The spikes output row ``q`` reads through the gather table ``table [K, P]`` (input
+    row per tap, -1: none): their weight-row indices ``k*Cin + c`` into ``sel`` and, unless
+    ``binary``, their counts into ``vv``, in ``(k, c)`` order; returns their count."""
+    cnt = 0
+    for k in range(table.shape[0]):
+        pos = table[k, q]
+        if pos < 0:
+            continue
+        tap = k * Cin
+        for j in range(indptr[pos], indptr[pos + 1]):
+            sel[cnt] = tap + idx[j]
+            if not binary:
+                vv[cnt] = vals[j]
+            cnt += 1
+    return cnt
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_conv_forward_chunk(
+    i, nchunks, indptr, idx, vals, binary, table, wr, bias, has_bias, out
+):
+    K, Cin, Cout = wr.shape
+    wrows = wr.reshape(K * Cin, Cout)
+    sel = np.empty(K * Cin, dtype=np.int64)
+    vv = np.empty(K * Cin, dtype=wr.dtype)
+    q0, q1 = _chunk(i, out.shape[0], nchunks)
+    for q in range(q0, q1):
+        cnt = _select_table_rows(q, table, indptr, idx, vals, binary, Cin, sel, vv)
+        _output_row(out[q], bias, has_bias, wrows, sel, vv, cnt, binary)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def gather_conv_forward(indptr, idx, vals, binary, table, wr, bias, has_bias, out, nchunks):
+    """``out [P, Cout]``: output row ``q`` is ``sum_k X[table[k, q]] @ wr[k] (+ bias)`` over
+    the spike-count rows ``X`` (CSR; ``table [K, P]`` int64, -1: a zero row), with
+    ``wr [K, Cin, Cout]``: a conv whose reads are listed rather than computed from a grid
+    (a masked conv on the visible rows only)."""
+    for i in prange(nchunks):
+        _gather_conv_forward_chunk(
+            i, nchunks, indptr, idx, vals, binary, table, wr, bias, has_bias, out
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw_slots):
+    _, K, Cin, Cout = gw_slots.shape
+    gw = gw_slots[i]
+    gw[:] = 0
+    grows = gw.reshape(K * Cin, Cout)
+    sel = np.empty(K * Cin, dtype=np.int64)
+    vv = np.empty(K * Cin, dtype=gy.dtype)
+    q0, q1 = _chunk(i, gy.shape[0], nchunks)
+    for q in range(q0, q1):
+        cnt = _select_table_rows(q, table, indptr, idx, vals, binary, Cin, sel, vv)
+        _add_to_weight_rows(grows, gy[q], sel, vv, cnt, binary)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def gather_conv_weight_grad(indptr, idx, vals, binary, table, gy, gw_slots):
+    """Partial weight gradients of :func:`gather_conv_forward`: ``gw_slots[i]`` ``[K, Cin,
+    Cout]`` sums chunk ``i``'s output rows of ``X^T gy`` (``gy [P, Cout]``); the weight
+    gradient is ``gw_slots.sum(0)``."""
+    nchunks = gw_slots.shape[0]
+    for i in prange(nchunks):
+        _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw_slots)
 
 
 # ---- trampolines for torch's OpenMP team
@@ -277,7 +360,18 @@ CONV_WEIGHT_GRAD = ArgBlock(
     ints=(*_CONV_SLOTS, "sh", "sw", "ph", "pw"),
     arrays={**_ROWS, "gy": FLOAT, "gw_slots": FLOAT},
 )
-BLOCKS = (SCAN, FILL, CONV_FORWARD, CONV_WEIGHT_GRAD)
+_GATHER_SLOTS = ("P", "K", "Cin", "Cout", "nrows", "nnz", "binary")
+GATHER_FORWARD = ArgBlock(
+    "gather_forward",
+    ints=(*_GATHER_SLOTS, "has_bias"),
+    arrays={**_ROWS, "table": np.int64, "wr": FLOAT, "bias": FLOAT, "out": FLOAT},
+)
+GATHER_WEIGHT_GRAD = ArgBlock(
+    "gather_weight_grad",
+    ints=_GATHER_SLOTS,
+    arrays={**_ROWS, "table": np.int64, "gy": FLOAT, "gw_slots": FLOAT},
+)
+BLOCKS = (SCAN, FILL, CONV_FORWARD, CONV_WEIGHT_GRAD, GATHER_FORWARD, GATHER_WEIGHT_GRAD)
 
 
 @njit(cache=True)
@@ -292,6 +386,17 @@ def _conv_block_args(a, ix):
     return N, H, W, Cin, Cout, KH, KW, Ho, Wo, indptr, idx, vals, a[ix.binary] != 0
 
 
+@njit(cache=True)
+def _gather_block_args(a, ix):
+    """The slots both gather blocks have: sizes, the spike rows, ``binary`` and the table."""
+    P, K, Cin, Cout, nrows, nnz = a[ix.P], a[ix.K], a[ix.Cin], a[ix.Cout], a[ix.nrows], a[ix.nnz]
+    indptr = carray(address(a[ix.indptr]), (nrows + 1,), np.int64)
+    idx = carray(address(a[ix.idx]), (max(nnz, 1),), np.int32)
+    vals = carray(address(a[ix.vals]), (max(nnz, 1),), np.uint8)
+    table = carray(address(a[ix.table]), (K, P), np.int64)
+    return P, K, Cin, Cout, indptr, idx, vals, a[ix.binary] != 0, table
+
+
 @cache
 def team_trampolines(dtype_name: str) -> dict[str, int]:
     """Addresses of the trampolines of every kernel here for ``float32`` / ``float64``,
@@ -302,7 +407,7 @@ def team_trampolines(dtype_name: str) -> dict[str, int]:
     u8 = np.uint8
     sig = types.void(types.voidptr)
     opts = {"error_model": "numpy", "cache": True}
-    sc, fl, cf, cw = (blk.ix for blk in BLOCKS)
+    sc, fl, cf, cw, gf, gw = (blk.ix for blk in BLOCKS)
 
     @cfunc(sig, **opts)
     def scan(block):
@@ -366,5 +471,34 @@ def team_trampolines(dtype_name: str) -> dict[str, int]:
             )  # fmt: skip
             i = next_chunk(counter)
 
-    trampolines = (scan, fill, conv_forward, conv_weight_grad)
+    @cfunc(sig, **opts)
+    def gather_forward(block):
+        a = carray(block, (gf.n_slots,), i64)
+        counter = carray(block, (1,), i64)
+        P, K, Cin, Cout, indptr, idx, vals, binary, table = _gather_block_args(a, gf)
+        nch = a[gf.nchunks]
+        wr = carray(address(a[gf.wr]), (K, Cin, Cout), dt)
+        bias = carray(address(a[gf.bias]), (Cout,), dt)
+        out = carray(address(a[gf.out]), (P, Cout), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _gather_conv_forward_chunk(
+                i, nch, indptr, idx, vals, binary, table, wr, bias, a[gf.has_bias] != 0, out
+            )
+            i = next_chunk(counter)
+
+    @cfunc(sig, **opts)
+    def gather_weight_grad(block):
+        a = carray(block, (gw.n_slots,), i64)
+        counter = carray(block, (1,), i64)
+        P, K, Cin, Cout, indptr, idx, vals, binary, table = _gather_block_args(a, gw)
+        nch = a[gw.nchunks]
+        gy = carray(address(a[gw.gy]), (P, Cout), dt)
+        gw_slots = carray(address(a[gw.gw_slots]), (nch, K, Cin, Cout), dt)
+        i = next_chunk(counter)
+        while i < nch:
+            _gather_conv_weight_grad_chunk(i, nch, indptr, idx, vals, binary, table, gy, gw_slots)
+            i = next_chunk(counter)
+
+    trampolines = (scan, fill, conv_forward, conv_weight_grad, gather_forward, gather_weight_grad)
     return {blk.name: t.address for blk, t in zip(BLOCKS, trampolines, strict=True)}

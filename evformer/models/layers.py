@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evformer.kernels.fused import (
+    GatherTaps,
     SynapseSpec,
     iand,
     kv_first_is_cheaper,
@@ -192,12 +193,24 @@ class ConvBNLIF(_SynapseBNLIF):
     def _fused(
         self, x: torch.Tensor, backend: str, visible: torch.Tensor | None = None
     ) -> torch.Tensor:
-        rows = None
-        if visible is not None:
-            Ho = _conv_out(x.shape[3], self.conv, 0)
-            Wo = _conv_out(x.shape[4], self.conv, 1)
-            keep = _visible_index(visible, (x.shape[0] * x.shape[1], 0, Ho, Wo))
-            rows = keep.reshape(-1).nonzero().squeeze(1)  # into B*H'*W', row-major
+        if visible is None:
+            return self._fused_unit(x, backend, None)
+        # the visible rows (row-major) read from the dense input, then scattered back
+        T, B, _, H, W = x.shape
+        Ho, Wo = _conv_out(H, self.conv, 0), _conv_out(W, self.conv, 1)
+        keep = _visible_index(visible, (T * B, 0, Ho, Wo))
+        b, ho, wo = keep.nonzero(as_tuple=True)
+        in_rows = torch.arange(B * H * W, device=x.device).view(B, H, W)
+        taps = GatherTaps.build(
+            in_rows, b, ho, wo, self.conv.kernel_size, self.conv.stride[0],
+            self.conv.padding[0], B * H * W,
+        )  # fmt: skip
+        s = self._fused_unit(x, backend, taps)  # [T, Rv, C]
+        full = s.new_zeros(T, B * Ho * Wo, s.shape[-1])
+        full = full.index_copy(1, keep.reshape(-1).nonzero().squeeze(1), s)
+        return full.view(T, B, Ho, Wo, -1).permute(0, 1, 4, 2, 3)
+
+    def _fused_unit(self, x: torch.Tensor, backend: str, taps: GatherTaps | None):
         spec = SynapseSpec(
             kind="conv",
             bn=self.bn,
@@ -207,9 +220,24 @@ class ConvBNLIF(_SynapseBNLIF):
             padding=self.conv.padding[0],
             pool=self.pool,
             recompute=self.recompute,
-            visible_rows=rows,
+            taps=taps,
         )
         return synapse_bn_lif(x, self.conv.weight, self.conv.bias, self.bn, spec)
+
+    def forward_rows(self, x: torch.Tensor, taps: GatherTaps) -> torch.Tensor:
+        """The masked unit on compact rows (fused kernel sets only): the input rows
+        ``[T, n_in, Cin]`` (or a dense ``[T, B, Cin, H, W]``) -> spikes of the visible output
+        rows ``[T, Rv, Cout]``, as :meth:`forward` with a visible map computes them
+        (``taps``: :class:`~evformer.kernels.fused.GatherTaps`, the visible rows' reads)."""
+        backend = _fused_backend(self.lif.backend, x)
+        if backend is None:
+            raise ValueError(
+                "ConvBNLIF.forward_rows needs a fused kernel set (backend 'numba' or "
+                "'triton', not the reference path or the single-step mode)"
+            )
+        if self.pool:
+            raise ValueError("ConvBNLIF.forward_rows: not with max-pool (pool=True)")
+        return self._fused_unit(x, backend, taps)
 
     def macs(self, x_shape: torch.Size, out_shape: torch.Size) -> int:
         """Multiply-accumulates of the conv for one call (all T, B), input ``x_shape``."""
@@ -341,6 +369,16 @@ class SCSStage(nn.Module):
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         s = self.down(x, visible)
         r = self.fc2(self.fc1(s, visible), visible)
+        if self.residual == "none":
+            return r
+        return combine_residual(r, s, self.residual, self.backend)
+
+    def forward_rows(self, x: torch.Tensor, down: GatherTaps, conv: GatherTaps) -> torch.Tensor:
+        """The masked stage on compact rows (fused kernel sets only,
+        :meth:`ConvBNLIF.forward_rows`): input rows (or a dense map) -> the visible output
+        rows ``[T, Rv, C]``; ``down`` the 2x2/2 conv's reads, ``conv`` the two 3x3 convs'."""
+        s = self.down.forward_rows(x, down)
+        r = self.fc2.forward_rows(self.fc1.forward_rows(s, conv), conv)
         if self.residual == "none":
             return r
         return combine_residual(r, s, self.residual, self.backend)

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from evformer.kernels.fused import GatherTaps
+from evformer.models.energy import probing
+from evformer.models.layers import _fused_backend
 from evformer.models.spikformer import SpikformerV2, SpikformerV2Config
 
 __all__ = [
@@ -344,8 +347,9 @@ class SpikformerMAE(nn.Module):
     positions are exactly 0, so masked pixels never reach a visible token; the same map
     applies at every time step. The encoder blocks see the ``len_keep`` visible tokens only;
     the decoder gets their time average. Both the reference (``backend="torch"``) and the
-    fused kernels (Numba, Triton) run the masked stem; on CPU the zeros at masked positions
-    make the next unit's input sparser, which the event-driven products skip.
+    fused kernels (Numba, Triton) run the masked stem; the fused one carries the visible
+    positions only, as compact rows (:meth:`ConvBNLIF.forward_rows`), so its time and memory
+    scale with the visible fraction.
     """
 
     config_class = SpikformerMAEConfig
@@ -410,6 +414,9 @@ class SpikformerMAE(nn.Module):
     def forward_stem(self, x_seq: torch.Tensor, masking: Masking) -> torch.Tensor:
         """The sparse SCS stem: ``[T, B, C, H, W]`` -> visible tokens ``[T, B, len_keep, D]``
         (spike counts, in the order of ``masking.ids_keep``)."""
+        stages = self.encoder.patch_embed.stages
+        if _fused_backend(stages[0].down.lif.backend, x_seq) is not None and not probing():
+            return self._stem_rows(x_seq, masking)
         T, B, _, H, W = x_seq.shape
         p = self.patch_size
         visible = masking.grid(H // p, W // p).to(x_seq.dtype)  # [B, h, w], 1 = visible
@@ -418,6 +425,37 @@ class SpikformerMAE(nn.Module):
         for i, stage in enumerate(stages):  # stage i works at 2^(n-1-i) x the token grid
             x = stage(x, visible=upsample_mask(visible, 2 ** (len(stages) - 1 - i)))
         return masking.gather(x.flatten(3).transpose(-1, -2))  # [T, B, len_keep, D]
+
+    def _stem_rows(self, x_seq: torch.Tensor, masking: Masking) -> torch.Tensor:
+        """:meth:`forward_stem` on the fused kernels, carrying only the visible positions:
+        every stage's activations are compact rows ``[T, B*n_vis, C]``, never a
+        full-resolution map. Stage ``i`` (``f = 2^(n-1-i)`` times the token grid) orders its
+        rows by sample, kept token (``ids_keep`` order) and the ``f x f`` positions of the
+        token (row-major), so the last stage's rows are the visible tokens in the encoder's
+        order. Each visible position's 2x2 children are visible (the mask is upsampled by
+        repetition): the first stage reads them from the image, which masked pixels
+        therefore never enter; the 3x3 convs read masked neighbours as zero rows."""
+        T, B, _, H, W = x_seq.shape
+        p, keep = self.patch_size, masking.ids_keep
+        h, w = H // p, W // p
+        dev = keep.device
+        stages = self.encoder.patch_embed.stages
+        in_rows = torch.arange(B * H * W, device=dev).view(B, H, W)  # the image, dense
+        n_in, x = B * H * W, x_seq
+        for i, stage in enumerate(stages):
+            f = 2 ** (len(stages) - 1 - i)
+            d = torch.arange(f, device=dev)
+            b = torch.arange(B, device=dev).view(B, 1, 1, 1).expand(B, keep.shape[1], f, f)
+            ho = ((keep // w) * f).view(B, -1, 1, 1) + d.view(1, 1, f, 1)
+            wo = ((keep % w) * f).view(B, -1, 1, 1) + d.view(1, 1, 1, f)
+            b, ho, wo = b.reshape(-1), ho.expand_as(b).reshape(-1), wo.expand_as(b).reshape(-1)
+            down = GatherTaps.build(in_rows, b, ho, wo, (2, 2), 2, 0, n_in)
+            in_rows = torch.full((B, h * f, w * f), -1, dtype=torch.long, device=dev)
+            in_rows[b, ho, wo] = torch.arange(b.numel(), device=dev)
+            n_in = b.numel()
+            conv = GatherTaps.build(in_rows, b, ho, wo, (3, 3), 1, 1, n_in)
+            x = stage.forward_rows(x, down, conv)
+        return x.view(T, B, keep.shape[1], -1)
 
     def forward_encoder(self, x_seq: torch.Tensor, masking: Masking) -> torch.Tensor:
         """``[T, B, C, H, W]`` -> encoded visible tokens ``[T, B, len_keep, D]`` (spike
