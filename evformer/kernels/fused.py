@@ -31,16 +31,18 @@ smaller than uint8 at such densities. The input gradient stays a dense oneDNN pr
 
 Sparse convolution and sparse BatchNorm (masked pretraining, SparK / ConvMAE): a conv unit
 may be given a :class:`GatherTaps` table, the input row each kernel tap reads for each
-*visible* output row (the same rows at every time step), with one shared zero row for
-masked and out-of-image neighbours. It then works on compact rows only: its input is
-``[T, n_in, Cin]`` rows (or a dense ``[T, B, Cin, H, W]`` map, read as ``B*H*W`` rows), its
-product is a gather and a matrix product per tap (one ``[K*Cin, Cout]`` product for few
-input channels) over the visible rows, and its output is the spikes of the visible rows,
-``[T, Rv, Cout]``, never a full-resolution map. BatchNorm statistics, running statistics
-and the LIF run on those rows; the input gradient is an index-add over the taps into the
-input rows (the zero row's share dropped), the weight gradient comes from the gathered
-rows. The work and the memory scale with the visible fraction. The kernel sets need no
-mask argument (the unit gathers rows around them), so every fused backend takes the mask.
+*visible* output row (the same rows at every time step; masked and out-of-image neighbours
+read nothing). It then works on compact rows only: its input is ``[T, n_in, Cin]`` rows (or
+a dense ``[T, B, Cin, H, W]`` map, read as ``B*H*W`` rows) and its output the spikes of the
+visible rows, ``[T, Rv, Cout]``, never a full-resolution map. The forward product and the
+weight gradient are event-driven over the input rows' spikes through the table when they
+are sparse enough (:func:`~evformer.kernels.numba_sparse.gather_conv_forward`), else a
+gather of the input rows and matrix products; the input gradient is a gather too: for one
+tap, different output rows read different input rows, so each input row gathers the
+output gradients of the rows that read it and one ``[K*Cout, Cin]`` product gives its
+gradient (no scatter-add). BatchNorm statistics, running statistics and the LIF run on the
+visible rows. Time and memory scale with the visible fraction. The kernel sets need no mask
+argument beyond the table, so every fused backend takes the mask.
 
 Shapes: conv units take ``[T, B, C, H, W]`` and compute in channels-last memory; linear
 units take ``[T, ..., C]``; everything is time first.
