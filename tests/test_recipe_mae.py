@@ -93,6 +93,15 @@ def test_tiny_pretraining_run_writes_everything(data_root, tmp_path, capsys):
         assert 0 <= res["probe"][name]["test_acc"] <= 100
         assert res["probe"][name]["n_train"] == 44 and res["probe"][name]["n_test"] == 22
     assert "linear probe" in text and "encoder.pt" in text
+    # load_model rebuilds the run's model with every weight of last.pt, in eval mode
+    model, cfg = imagenet_mae.load_model(out)
+    state = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert not model.training and cfg.model == config["model"]
+    assert model.state_dict().keys() == state.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(FileNotFoundError, match="best.pt: no checkpoint"):
+        imagenet_mae.load_model(out, checkpoint="best.pt")
 
 
 def test_learning_rate_rule_and_presets():

@@ -29,6 +29,7 @@ _LAZY = {
     "DVSSimulator": "simulator",
     # gestures.py
     "GESTURE_CLASSES": "gestures",
+    "DIRECTION_PAIRS": "gestures",
     "render_gesture": "gestures",
     "make_gesture_events": "gestures",
     # augment.py

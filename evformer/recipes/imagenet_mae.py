@@ -24,12 +24,15 @@ RUN/encoder.pt``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from evformer.recipes._common import Recipe, run
+from evformer.recipes._common import Recipe, load_run_config, load_weights, run
 from evformer.recipes._pretrain import (
     PretrainConfig,
+    build_mae,
     build_pretrain_data,
     build_pretrain_test,
     run_pretrain,
@@ -101,6 +104,36 @@ RECIPE = Recipe(
     default_preset="imagenet_mae_v2_8_384",
     execute=run_pretrain,
 )
+
+
+def load_model(
+    run_dir: str | os.PathLike,
+    *,
+    checkpoint: str = "last.pt",
+    data_root: str | os.PathLike | None = None,
+):
+    """The masked autoencoder of a pretraining run, in eval mode, with every weight (decoder
+    included) from ``run_dir/checkpoint``, and the run's :class:`Config` (from its
+    ``config.yaml``; ``data_root`` replaces the recorded data root). The model is built at
+    the size and channels of the run's held-out data, which must therefore be readable.
+    Returns ``(model, config)``."""
+    import torch
+
+    path = Path(run_dir) / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no checkpoint; a pretraining run writes it "
+            "(python -m evformer.recipes.imagenet_mae --demo --out RUN)"
+        )
+    settings = load_run_config(Config, path, recipe=RECIPE.name)
+    if data_root is not None:
+        settings["data_root"] = str(data_root)
+    cfg = Config(**settings)
+    cfg.validate()
+    sample = RECIPE.build_data(cfg, train=False).test[0][0]
+    model = build_mae(cfg, torch.as_tensor(sample).float())
+    load_weights(model, path, strict=True)
+    return model.eval(), cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
