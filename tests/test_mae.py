@@ -696,6 +696,34 @@ def test_fused_sparse_unit_equals_reference_for_both_products(monkeypatch, densi
         assert set(calls) == {"gather_conv_forward", "gather_conv_weight_grad"}
 
 
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_event_driven_masked_unit_keeps_no_conv_output_for_backward(monkeypatch, density):
+    """A masked unit on compact rows whose product runs event-driven saves its input as
+    spike rows and recomputes the conv output Y in backward; with dense products it keeps
+    Y ``[T, Rv, C]``."""
+    import evformer.kernels.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod, "SPARSE_MAX_DENSITY", density)
+    unit = ConvBNLIF(16, 24, backend="numba", recompute=False)
+    g = _gen(8)
+    visible = torch.rand(2, 6, 6, generator=g) < 0.5
+    b, ho, wo = visible.nonzero(as_tuple=True)
+    rv = b.numel()
+    in_rows = torch.full((2, 6, 6), -1, dtype=torch.long)
+    in_rows[b, ho, wo] = torch.arange(rv)
+    taps = fused_mod.GatherTaps.build(in_rows, b, ho, wo, (3, 3), 1, 1, rv)
+    x = (torch.rand(1, rv, 16, generator=g) < 0.2).float().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        out = unit.forward_rows(x, taps)
+    assert out.shape == (1, rv, 24)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert ((1, rv, 24) in saved) == (density == 0), saved
+
+
 def test_masking_from_per_sample_noise_equals_the_generator_draw():
     g = _gen(21)
     noise = torch.rand(3, 16, generator=_gen(21))

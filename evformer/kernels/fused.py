@@ -480,7 +480,11 @@ class _SynapseBNLIF(torch.autograd.Function):
                 x_saved = rows.tensors()
             else:
                 x_saved = (packed_x if packed_x is not None else x_phys,)
-            y_saved = y3.new_empty(0) if spec.recompute else y3
+            # a masked unit whose product ran event-driven recomputes it in backward (a few
+            # ms over the visible rows' spikes) rather than keeping Y: the stem's largest
+            # saved tensors, which would otherwise sit under the decoder's peak
+            recompute = spec.recompute or (taps is not None and rows is not None)
+            y_saved = y3.new_empty(0) if recompute else y3
             ctx.save_for_backward(
                 weight,
                 bias if bias is not None else weight.new_empty(0),
@@ -499,6 +503,7 @@ class _SynapseBNLIF(torch.autograd.Function):
             ctx.x_rows = rows is not None
             ctx.shapes = (tuple(x.shape), tuple(x_phys.shape), tuple(spikes3.shape))
             ctx.taps = taps
+            ctx.recompute = recompute
             ctx.groups = groups
             if spec.kind == "conv" and taps is None:
                 ctx.conv_shape = (T, B, TB, C, Ho, Wo)
@@ -551,14 +556,14 @@ class _SynapseBNLIF(torch.autograd.Function):
         xr = None  # a masked conv's dense input rows, when its products are not event-driven
         if taps is not None and rows is None:
             xr = taps.input_rows(x_phys, cdt)
-        if spec.recompute and taps is not None:
+        if ctx.recompute and taps is not None:
             if rows is not None:
                 wr = w_c.permute(2, 3, 1, 0).reshape(-1, *w_c.shape[1::-1]).contiguous()
                 y3 = kernels.gather_conv_forward(rows, taps.spike_table(s_shape[0]), wr, b_c)
             else:
                 y3 = taps.forward(xr, w_c, b_c, s_shape[0])
             y3 = y3.view(s_shape)
-        elif spec.recompute:
+        elif ctx.recompute:
             y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
             y3 = (y if spec.kind == "linear" else y.permute(0, 2, 3, 1)).reshape(s_shape)
         else:
