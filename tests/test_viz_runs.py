@@ -250,3 +250,16 @@ def test_bad_arguments_are_named():
         accuracy_vs_t_figure({"2": {"acc5": 1.0}})
     with pytest.raises(ValueError, match="train_T"):
         accuracy_vs_t_figure({"2": {"acc1": 1.0}}, train_T=0)
+
+
+def test_curves_of_a_run_without_accuracy_say_so():
+    """A masked-pretraining run logs no accuracy: the accuracy panel says so (no lines)."""
+    from evformer.viz import training_curves_figure
+
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "lr": 0.1} for e in range(3)]
+    fig = training_curves_figure(rows)
+    ax_loss, ax_acc, _ = fig.axes
+    assert len(ax_loss.lines) == 1 and not ax_acc.lines
+    assert "no accuracy" in ax_acc.texts[0].get_text()
+    rows[0]["test_acc1"] = 50.0
+    assert not training_curves_figure(rows).axes[1].texts

@@ -55,6 +55,11 @@ def training_curves_figure(rows: Sequence[dict]) -> Figure:
         if e.size:
             ax_acc.plot(e, v, marker="o", ms=3, label=label)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    if not ax_acc.lines:  # e.g. a masked-pretraining run: say so rather than leave it blank
+        ax_acc.text(
+            0.5, 0.5, "no accuracy in these metrics\n(a pretraining run?)", ha="center",
+            va="center", transform=ax_acc.transAxes, color="0.4",
+        )  # fmt: skip
     e, v = _series(rows, "lr")
     if e.size:
         ax_lr.plot(e, v, marker="o", ms=3)
