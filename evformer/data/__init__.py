@@ -33,6 +33,7 @@ _LAZY: dict[str, str] = {
     "cifar10dvs_split": "neuromorphic",
     # synthetic.py
     "SyntheticGesture": "synthetic",
+    "SyntheticImages": "synthetic_images",
     # static.py
     "CIFAR10": "static",
     "CIFAR100": "static",
