@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from evformer._atomic import atomic_path
+from evformer._atomic import atomic_write_bytes
 
 __all__ = ["OFF_COLOR", "ON_COLOR", "frame_grid_figure", "frames_to_rgb", "save_frames_gif"]
 
@@ -287,17 +288,15 @@ def save_frames_gif(
             0.02, 0.98, "", transform=ax.transAxes, ha="left", va="top", color="white", fontsize=7
         )
     writer = PillowWriter(fps=fps)
-    with atomic_path(path) as tmp:
-        # Pillow picks the format from the file name, so the writer gets a .gif name
-        gif_tmp = tmp.with_name(tmp.name + ".gif")
-        try:
-            with writer.saving(fig, gif_tmp, dpi=dpi):
-                for k in range(T):
-                    im.set_data(rgb[k])
-                    if text is not None:
-                        text.set_text(f"{k + 1}/{T}")
-                    writer.grab_frame()
-            os.replace(gif_tmp, tmp)
-        finally:
-            gif_tmp.unlink(missing_ok=True)
+    # Pillow picks the format from the file name: the writer gets a .gif in a scratch
+    # folder, whose bytes then replace ``path`` in one atomic write
+    with tempfile.TemporaryDirectory(prefix="evformer-gif-") as scratch:
+        gif_tmp = Path(scratch) / "frames.gif"
+        with writer.saving(fig, gif_tmp, dpi=dpi):
+            for k in range(T):
+                im.set_data(rgb[k])
+                if text is not None:
+                    text.set_text(f"{k + 1}/{T}")
+                writer.grab_frame()
+        atomic_write_bytes(path, gif_tmp.read_bytes())
     return path
