@@ -184,9 +184,9 @@ def test_gather_conv_products_equal_numpy_on_team_and_prange(monkeypatch, max_co
     x2 = _spikes((40, 11), 0.3, g, max_count)
     table = torch.randint(-1, 40, (9, 23), generator=g)
     table[:, 0] = -1  # an output row that reads nothing: its bias
-    wr = torch.randn(9, 11, 6, generator=g)
-    bias = torch.randn(6, generator=g)
-    gy = torch.randn(23, 6, generator=g)
+    wr = torch.randn(9, 11, 40, generator=g)  # 40 columns: two column chunks on 2 threads
+    bias = torch.randn(40, generator=g)
+    gy = torch.randn(23, 40, generator=g)
     want_out, want_gw = _gather_reference(x2, table, wr, gy)
     results = []
     old = torch.get_num_threads()

@@ -320,25 +320,24 @@ class NumbaKernels:
         Kt, P = table.shape
         Cout, Cin = gy.shape[1], rows.num_cols
         dtype = gy.dtype
-        slot_bytes = Kt * Cin * Cout * gy.element_size()
-        nslots = max(1, min(torch.get_num_threads(), P, _MAX_SLOT_BYTES // slot_bytes))
-        slots = torch.empty((nslots, Kt, Cin, Cout), dtype=dtype)
+        # chunks split the output columns (at least 16 each): no per-thread partial sums
+        nchunks = max(1, min(torch.get_num_threads(), Cout // 16))
+        gw = torch.empty((Kt, Cin, Cout), dtype=dtype)
         binary = rows.vals is None
         team = team_for(dtype, gy)
         with torch.profiler.record_function("evformer::gather_conv_weight_grad"):
             if team is not None:
                 _run(
-                    team, SK.GATHER_WEIGHT_GRAD, dtype, nslots, P=P, K=Kt, Cin=Cin, Cout=Cout,
+                    team, SK.GATHER_WEIGHT_GRAD, dtype, nchunks, P=P, K=Kt, Cin=Cin, Cout=Cout,
                     nrows=rows.indptr.numel() - 1, nnz=rows.nnz, indptr=rows.indptr,
-                    idx=rows.idx, vals=_vals(rows), binary=binary, table=table, gy=gy,
-                    gw_slots=slots,
+                    idx=rows.idx, vals=_vals(rows), binary=binary, table=table, gy=gy, gw=gw,
                 )  # fmt: skip
             else:
                 SK.gather_conv_weight_grad(
                     _np(rows.indptr), _np(rows.idx), _np(_vals(rows)), binary, _np(table),
-                    _np(gy), _np(slots),
+                    _np(gy), _np(gw), nchunks,
                 )  # fmt: skip
-        return _sum_slots(slots)
+        return gw
 
 
 def _sum_slots(slots: torch.Tensor) -> torch.Tensor:

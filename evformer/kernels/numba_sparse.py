@@ -155,20 +155,19 @@ def _output_row(acc, bias, has_bias, wrows, sel, vv, cnt, binary):
 
 
 @njit(cache=True, error_model="numpy")
-def _add_to_weight_rows(grows, g, sel, vv, cnt, binary):
-    """Each selected spike adds the output gradient ``g [Cout]`` (times its count unless
-    ``binary``) to its own weight-gradient row ``grows[sel[j]]``."""
-    Cout = g.shape[0]
+def _add_to_weight_rows(grows, g, sel, vv, cnt, binary, o0, o1):
+    """Each selected spike adds the output gradient ``g[o0:o1]`` (times its count unless
+    ``binary``) to columns ``o0:o1`` of its own weight-gradient row ``grows[sel[j]]``."""
     if binary:
         for j in range(cnt):
             grow = grows[sel[j]]
-            for k in range(Cout):
+            for k in range(o0, o1):
                 grow[k] += g[k]
     else:
         for j in range(cnt):
             grow = grows[sel[j]]
             v = vv[j]
-            for k in range(Cout):
+            for k in range(o0, o1):
                 grow[k] += v * g[k]
 
 
@@ -251,7 +250,7 @@ def _sparse_conv_weight_grad_chunk(
         cnt, n, oh, ow = _select_rows(
             q, Ho, Wo, indptr, idx, vals, binary, H, W, KW, Cin, sh, sw, ph, pw, sel, vv
         )
-        _add_to_weight_rows(grows, gy[n, oh, ow], sel, vv, cnt, binary)
+        _add_to_weight_rows(grows, gy[n, oh, ow], sel, vv, cnt, binary, 0, Cout)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -315,27 +314,28 @@ def gather_conv_forward(indptr, idx, vals, binary, table, wr, bias, has_bias, ou
 
 
 @njit(cache=True, error_model="numpy")
-def _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw_slots):
-    _, K, Cin, Cout = gw_slots.shape
-    gw = gw_slots[i]
-    gw[:] = 0
+def _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw):
+    K, Cin, Cout = gw.shape
+    o0, o1 = _chunk(i, Cout, nchunks)  # this chunk's output columns, over every row
     grows = gw.reshape(K * Cin, Cout)
+    grows[:, o0:o1] = 0
     sel = np.empty(K * Cin, dtype=np.int64)
     vv = np.empty(K * Cin, dtype=gy.dtype)
-    q0, q1 = _chunk(i, gy.shape[0], nchunks)
-    for q in range(q0, q1):
+    for q in range(gy.shape[0]):
         cnt = _select_table_rows(q, table, indptr, idx, vals, binary, Cin, sel, vv)
-        _add_to_weight_rows(grows, gy[q], sel, vv, cnt, binary)
+        _add_to_weight_rows(grows, gy[q], sel, vv, cnt, binary, o0, o1)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def gather_conv_weight_grad(indptr, idx, vals, binary, table, gy, gw_slots):
-    """Partial weight gradients of :func:`gather_conv_forward`: ``gw_slots[i]`` ``[K, Cin,
-    Cout]`` sums chunk ``i``'s output rows of ``X^T gy`` (``gy [P, Cout]``); the weight
-    gradient is ``gw_slots.sum(0)``."""
-    nchunks = gw_slots.shape[0]
+def gather_conv_weight_grad(indptr, idx, vals, binary, table, gy, gw, nchunks):
+    """Weight gradient of :func:`gather_conv_forward`, ``gw [K, Cin, Cout] = X^T gy`` over the
+    output rows (``gy [P, Cout]``). Chunks split the output columns, not the rows (unlike
+    :func:`sparse_conv_weight_grad`): each writes its own columns of ``gw`` and no per-chunk
+    partial sums are needed, so the only weight-sized buffer is ``gw`` itself (a masked
+    step's activations are small enough that weight-sized temporaries would set its peak
+    memory); every chunk reads every row's spikes."""
     for i in prange(nchunks):
-        _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw_slots)
+        _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw)
 
 
 # ---- trampolines for torch's OpenMP team
@@ -369,7 +369,7 @@ GATHER_FORWARD = ArgBlock(
 GATHER_WEIGHT_GRAD = ArgBlock(
     "gather_weight_grad",
     ints=_GATHER_SLOTS,
-    arrays={**_ROWS, "table": np.int64, "gy": FLOAT, "gw_slots": FLOAT},
+    arrays={**_ROWS, "table": np.int64, "gy": FLOAT, "gw": FLOAT},
 )
 BLOCKS = (SCAN, FILL, CONV_FORWARD, CONV_WEIGHT_GRAD, GATHER_FORWARD, GATHER_WEIGHT_GRAD)
 
@@ -494,10 +494,10 @@ def team_trampolines(dtype_name: str) -> dict[str, int]:
         P, K, Cin, Cout, indptr, idx, vals, binary, table = _gather_block_args(a, gw)
         nch = a[gw.nchunks]
         gy = carray(address(a[gw.gy]), (P, Cout), dt)
-        gw_slots = carray(address(a[gw.gw_slots]), (nch, K, Cin, Cout), dt)
+        grad = carray(address(a[gw.gw]), (K, Cin, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
-            _gather_conv_weight_grad_chunk(i, nch, indptr, idx, vals, binary, table, gy, gw_slots)
+            _gather_conv_weight_grad_chunk(i, nch, indptr, idx, vals, binary, table, gy, grad)
             i = next_chunk(counter)
 
     trampolines = (scan, fill, conv_forward, conv_weight_grad, gather_forward, gather_weight_grad)
