@@ -22,6 +22,9 @@ __all__ = ["NumbaKernels"]
 
 #: upper bound on the bytes of per-thread partial weight gradients (event-driven products)
 _MAX_SLOT_BYTES = 256 * 2**20
+#: weights from this size on get their gather-conv gradient by output columns, not by rows
+#: with a slot of partial sums per thread (faster there too: no slots to clear and add)
+_SPLIT_COLUMNS_BYTES = 4 * 2**20
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -320,24 +323,31 @@ class NumbaKernels:
         Kt, P = table.shape
         Cout, Cin = gy.shape[1], rows.num_cols
         dtype = gy.dtype
-        # chunks split the output columns (at least 16 each): no per-thread partial sums
-        nchunks = max(1, min(torch.get_num_threads(), Cout // 16))
-        gw = torch.empty((Kt, Cin, Cout), dtype=dtype)
+        threads = torch.get_num_threads()
+        wbytes = Kt * Cin * Cout * gy.element_size()
+        if wbytes >= _SPLIT_COLUMNS_BYTES and Cout >= 32:
+            # a large weight: chunks split the output columns, one weight-sized buffer
+            nslots, col_chunks = 1, max(1, min(threads, Cout // 16))
+        else:  # chunks split the rows, each into its own slot of partial sums
+            nslots = max(1, min(threads, P, _MAX_SLOT_BYTES // wbytes))
+            col_chunks = 1
+        slots = torch.empty((nslots, Kt, Cin, Cout), dtype=dtype)
         binary = rows.vals is None
         team = team_for(dtype, gy)
         with torch.profiler.record_function("evformer::gather_conv_weight_grad"):
             if team is not None:
                 _run(
-                    team, SK.GATHER_WEIGHT_GRAD, dtype, nchunks, P=P, K=Kt, Cin=Cin, Cout=Cout,
-                    nrows=rows.indptr.numel() - 1, nnz=rows.nnz, indptr=rows.indptr,
-                    idx=rows.idx, vals=_vals(rows), binary=binary, table=table, gy=gy, gw=gw,
+                    team, SK.GATHER_WEIGHT_GRAD, dtype, nslots * col_chunks, P=P, K=Kt,
+                    Cin=Cin, Cout=Cout, nrows=rows.indptr.numel() - 1, nnz=rows.nnz,
+                    indptr=rows.indptr, idx=rows.idx, vals=_vals(rows), binary=binary,
+                    table=table, gy=gy, gw_slots=slots, col_chunks=col_chunks,
                 )  # fmt: skip
             else:
                 SK.gather_conv_weight_grad(
                     _np(rows.indptr), _np(rows.idx), _np(_vals(rows)), binary, _np(table),
-                    _np(gy), _np(gw), nchunks,
+                    _np(gy), _np(slots), col_chunks,
                 )  # fmt: skip
-        return gw
+        return _sum_slots(slots)
 
 
 def _sum_slots(slots: torch.Tensor) -> torch.Tensor:

@@ -158,17 +158,19 @@ def _output_row(acc, bias, has_bias, wrows, sel, vv, cnt, binary):
 def _add_to_weight_rows(grows, g, sel, vv, cnt, binary, o0, o1):
     """Each selected spike adds the output gradient ``g[o0:o1]`` (times its count unless
     ``binary``) to columns ``o0:o1`` of its own weight-gradient row ``grows[sel[j]]``."""
+    gs = g[o0:o1]  # 1-D views from 0: the loops below vectorise as over whole rows
+    n = o1 - o0
     if binary:
         for j in range(cnt):
-            grow = grows[sel[j]]
-            for k in range(o0, o1):
-                grow[k] += g[k]
+            grow = grows[sel[j]][o0:o1]
+            for k in range(n):
+                grow[k] += gs[k]
     else:
         for j in range(cnt):
-            grow = grows[sel[j]]
+            grow = grows[sel[j]][o0:o1]
             v = vv[j]
-            for k in range(o0, o1):
-                grow[k] += v * g[k]
+            for k in range(n):
+                grow[k] += v * gs[k]
 
 
 @njit(cache=True, error_model="numpy")
@@ -314,28 +316,36 @@ def gather_conv_forward(indptr, idx, vals, binary, table, wr, bias, has_bias, ou
 
 
 @njit(cache=True, error_model="numpy")
-def _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw):
-    K, Cin, Cout = gw.shape
-    o0, o1 = _chunk(i, Cout, nchunks)  # this chunk's output columns, over every row
-    grows = gw.reshape(K * Cin, Cout)
+def _gather_conv_weight_grad_chunk(
+    i, nchunks, col_chunks, indptr, idx, vals, binary, table, gy, gw_slots
+):
+    _, K, Cin, Cout = gw_slots.shape
+    r, c = i // col_chunks, i % col_chunks  # this chunk's rows part (its slot) and columns
+    q0, q1 = _chunk(r, gy.shape[0], nchunks // col_chunks)
+    o0, o1 = _chunk(c, Cout, col_chunks)
+    grows = gw_slots[r].reshape(K * Cin, Cout)
     grows[:, o0:o1] = 0
     sel = np.empty(K * Cin, dtype=np.int64)
     vv = np.empty(K * Cin, dtype=gy.dtype)
-    for q in range(gy.shape[0]):
+    for q in range(q0, q1):
         cnt = _select_table_rows(q, table, indptr, idx, vals, binary, Cin, sel, vv)
         _add_to_weight_rows(grows, gy[q], sel, vv, cnt, binary, o0, o1)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def gather_conv_weight_grad(indptr, idx, vals, binary, table, gy, gw, nchunks):
-    """Weight gradient of :func:`gather_conv_forward`, ``gw [K, Cin, Cout] = X^T gy`` over the
-    output rows (``gy [P, Cout]``). Chunks split the output columns, not the rows (unlike
-    :func:`sparse_conv_weight_grad`): each writes its own columns of ``gw`` and no per-chunk
-    partial sums are needed, so the only weight-sized buffer is ``gw`` itself (a masked
-    step's activations are small enough that weight-sized temporaries would set its peak
-    memory); every chunk reads every row's spikes."""
+def gather_conv_weight_grad(indptr, idx, vals, binary, table, gy, gw_slots, col_chunks):
+    """Partial weight gradients of :func:`gather_conv_forward`: ``gw_slots[s]``
+    ``[K, Cin, Cout]`` sums ``X^T gy`` over the ``s``-th part of the output rows
+    (``gy [P, Cout]``); the weight gradient is ``gw_slots.sum(0)``. The chunks are the
+    ``len(gw_slots) x col_chunks`` (rows part, output columns) pairs: splitting the rows
+    costs a weight-sized slot per part, splitting the columns makes every chunk read every
+    row's spikes (one slot, ``col_chunks`` chunks: for weights large enough that their
+    temporaries would set a masked step's peak memory)."""
+    nchunks = gw_slots.shape[0] * col_chunks
     for i in prange(nchunks):
-        _gather_conv_weight_grad_chunk(i, nchunks, indptr, idx, vals, binary, table, gy, gw)
+        _gather_conv_weight_grad_chunk(
+            i, nchunks, col_chunks, indptr, idx, vals, binary, table, gy, gw_slots
+        )
 
 
 # ---- trampolines for torch's OpenMP team
@@ -368,8 +378,8 @@ GATHER_FORWARD = ArgBlock(
 )
 GATHER_WEIGHT_GRAD = ArgBlock(
     "gather_weight_grad",
-    ints=_GATHER_SLOTS,
-    arrays={**_ROWS, "table": np.int64, "gy": FLOAT, "gw": FLOAT},
+    ints=(*_GATHER_SLOTS, "col_chunks"),
+    arrays={**_ROWS, "table": np.int64, "gy": FLOAT, "gw_slots": FLOAT},
 )
 BLOCKS = (SCAN, FILL, CONV_FORWARD, CONV_WEIGHT_GRAD, GATHER_FORWARD, GATHER_WEIGHT_GRAD)
 
@@ -494,10 +504,13 @@ def team_trampolines(dtype_name: str) -> dict[str, int]:
         P, K, Cin, Cout, indptr, idx, vals, binary, table = _gather_block_args(a, gw)
         nch = a[gw.nchunks]
         gy = carray(address(a[gw.gy]), (P, Cout), dt)
-        grad = carray(address(a[gw.gw]), (K, Cin, Cout), dt)
+        cc = a[gw.col_chunks]
+        gw_slots = carray(address(a[gw.gw_slots]), (nch // cc, K, Cin, Cout), dt)
         i = next_chunk(counter)
         while i < nch:
-            _gather_conv_weight_grad_chunk(i, nch, indptr, idx, vals, binary, table, gy, grad)
+            _gather_conv_weight_grad_chunk(
+                i, nch, cc, indptr, idx, vals, binary, table, gy, gw_slots
+            )
             i = next_chunk(counter)
 
     trampolines = (scan, fill, conv_forward, conv_weight_grad, gather_forward, gather_weight_grad)
