@@ -212,10 +212,12 @@ def test_gather_conv_products_equal_numpy_on_team_and_prange(monkeypatch, max_co
         assert torch.equal(a, b)
 
 
-def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter():
+@pytest.mark.parametrize("block_bytes", [9 * 4 * 8 * 3 + 1, 9 * 4 * 8 * 3])
+def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter(block_bytes):
     """GatherTaps.input_grad (each input row gathers the output gradients of the rows that
-    read it, all taps in one product, in blocks) equals the scatter-add of every output
-    row's per-tap gradient, in float64, with T = 2 and blocks smaller than the rows."""
+    read it, all taps in one product, in blocks of three rows; or one product per tap when
+    the weight, 864 bytes here, is as large as a block) equals the scatter-add of every
+    output row's per-tap gradient, in float64, with T = 2."""
     import evformer.kernels.fused as fused_mod
 
     g = torch.Generator().manual_seed(6)
@@ -234,7 +236,7 @@ def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter():
         for k in range(9):
             want[t].index_add_(0, taps.index[k], gy[t * n_in : (t + 1) * n_in] @ wt[k].t())
     old = fused_mod._GATHER_BLOCK_BYTES
-    fused_mod._GATHER_BLOCK_BYTES = 9 * 4 * 8 * 3  # three rows per block
+    fused_mod._GATHER_BLOCK_BYTES = block_bytes
     try:
         got = taps.input_grad(gy, weight, T)
     finally:

@@ -345,6 +345,16 @@ class GatherTaps:
             y.addmm_(xr.index_select(0, idx[k]), wt[k])
         return y
 
+    def product(self, kernels, rows, xr, weight: torch.Tensor, bias, T: int) -> torch.Tensor:
+        """The conv at the visible output rows, ``[T*Rv, Cout]``: event-driven over the
+        input spike ``rows`` through :meth:`spike_table` when given, else :meth:`forward`
+        on the dense input rows ``xr`` (:meth:`input_rows`). The weight's ``[K, Cin, Cout]``
+        copy lives only during the call."""
+        if rows is None:
+            return self.forward(xr, weight, bias, T)
+        wr = weight.permute(2, 3, 1, 0).reshape(-1, *weight.shape[1::-1]).contiguous()
+        return kernels.gather_conv_forward(rows, self.spike_table(T), wr, bias)
+
     def weight_grad(self, xr: torch.Tensor, gy: torch.Tensor, T: int) -> torch.Tensor:
         """``[K, Cin, Cout]`` weight gradient of :meth:`forward` for ``gy [T*Rv, Cout]``."""
         idx = self.steps(T)
@@ -356,13 +366,25 @@ class GatherTaps:
         """Input gradient ``[T, n_in, Cin]`` for the output gradient ``gy [T*Rv, Cout]``:
         each input row gathers the output gradients of the rows that read it, all taps side
         by side, and takes one ``[K*Cout, Cin]`` product, in blocks of rows (the gathered
-        block stays below :data:`_GATHER_BLOCK_BYTES`)."""
+        block stays below :data:`_GATHER_BLOCK_BYTES`); a weight of that size or more takes
+        one product per tap instead."""
         Cout, Cin = weight.shape[:2]
         K = weight.shape[2] * weight.shape[3]
         gye = torch.cat([gy.view(T, -1, Cout), gy.new_zeros(T, 1, Cout)], 1).view(-1, Cout)
-        wt = weight.permute(2, 3, 0, 1).reshape(K * Cout, Cin)  # [(k, o), c]
         rev = self.reverse(T)
         n = rev.shape[1]
+        if weight.numel() * weight.element_size() >= _GATHER_BLOCK_BYTES:
+            # a large weight: one product per tap on its [Cout, Cin] slice (a weight-sized
+            # [K*Cout, Cin] copy would set a masked step's peak memory; these products are
+            # large enough to run at full speed)
+            out = gy.new_zeros(n, Cin)
+            for k in range(K):
+                out.addmm_(
+                    gye.index_select(0, rev[k]),
+                    weight[:, :, k // weight.shape[3], k % weight.shape[3]],
+                )
+            return out.view(T, self.n_in, Cin)
+        wt = weight.permute(2, 3, 0, 1).reshape(K * Cout, Cin)  # [(k, o), c]
         out = gy.new_empty(n, Cin)
         step = max(1, _GATHER_BLOCK_BYTES // (K * Cout * gy.element_size()))
         for j0 in range(0, n, step):
@@ -444,12 +466,9 @@ class _SynapseBNLIF(torch.autograd.Function):
                 packed_x = kernels.pack(x_phys)
             if taps is not None:
                 C = w_c.shape[0]
-                if rows is not None:  # event-driven over the visible rows' input spikes
-                    wr = w_c.permute(2, 3, 1, 0).reshape(-1, *w_c.shape[1::-1]).contiguous()
-                    y3 = kernels.gather_conv_forward(rows, taps.spike_table(T), wr, b_c)
-                else:
-                    y3 = taps.forward(taps.input_rows(x_phys, cdt), w_c, b_c, T)
-                y3 = y3.view(T, -1, C)
+                xr = None if rows is not None else taps.input_rows(x_phys, cdt)
+                y3 = taps.product(kernels, rows, xr, w_c, b_c, T).view(T, -1, C)
+                del xr
             else:
                 y = _product(spec, kernels, x_phys.to(cdt), rows, x_phys.shape, w_c, b_c, groups)
                 if spec.kind == "linear":
@@ -557,12 +576,7 @@ class _SynapseBNLIF(torch.autograd.Function):
         if taps is not None and rows is None:
             xr = taps.input_rows(x_phys, cdt)
         if ctx.recompute and taps is not None:
-            if rows is not None:
-                wr = w_c.permute(2, 3, 1, 0).reshape(-1, *w_c.shape[1::-1]).contiguous()
-                y3 = kernels.gather_conv_forward(rows, taps.spike_table(s_shape[0]), wr, b_c)
-            else:
-                y3 = taps.forward(xr, w_c, b_c, s_shape[0])
-            y3 = y3.view(s_shape)
+            y3 = taps.product(kernels, rows, xr, w_c, b_c, s_shape[0]).view(s_shape)
         elif ctx.recompute:
             y = _product(spec, kernels, x_phys, rows, phys_shape, w_c, b_c, ctx.groups)
             y3 = (y if spec.kind == "linear" else y.permute(0, 2, 3, 1)).reshape(s_shape)
