@@ -558,9 +558,7 @@ class _SynapseBNLIF(torch.autograd.Function):
         own_buffer = False  # may the LIF backward overwrite grad-spikes in place?
         grad_out = grad_out.to(kdt)
         taps = ctx.taps
-        if taps is not None:
-            gs3 = grad_out.contiguous().view(s_shape)
-        elif spec.kind == "linear":
+        if taps is not None or spec.kind == "linear":
             gs3 = grad_out.contiguous().view(s_shape)
         else:
             Tt, B, TB, C, Ho, Wo = ctx.conv_shape
@@ -573,7 +571,7 @@ class _SynapseBNLIF(torch.autograd.Function):
             else:
                 gs3 = g4.permute(0, 2, 3, 1).reshape(s_shape)
         xr = None  # a masked conv's dense input rows, when its products are not event-driven
-        if taps is not None and rows is None:
+        if taps is not None and rows is None and (ctx.recompute or ctx.needs_input_grad[1]):
             xr = taps.input_rows(x_phys, cdt)
         if ctx.recompute and taps is not None:
             y3 = taps.product(kernels, rows, xr, w_c, b_c, s_shape[0]).view(s_shape)
