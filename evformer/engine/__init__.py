@@ -11,6 +11,8 @@ _LAZY: dict[str, str] = {
     "build_optimizer": "optim",
     "vit_layer_id": "optim",
     "count_layers": "optim",
+    # batchnorm
+    "recalibrate_batchnorm": "batchnorm",
     # probe
     "linear_probe": "probe",
     "extract_features": "probe",

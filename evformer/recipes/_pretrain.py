@@ -410,24 +410,11 @@ def recalibrate_batchnorm(
     without gradients; no weight changes), then put ``model`` in eval mode."""
     from torch.utils.data import DataLoader, Subset
 
-    from evformer.engine import reset_states
+    from evformer.engine.batchnorm import recalibrate_batchnorm as recalibrate
 
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
     subset = Subset(dataset, range(min(len(dataset), max_samples)))  # type: ignore[arg-type]
-    for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False):
-        reset_states(model)
-        model(x.to(device).float())
-    reset_states(model)
-    for m, momentum in zip(bns, saved):
-        m.momentum = momentum
-    model.eval()
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
+    recalibrate(model, (x.to(device).float() for x, _ in loader))
 
 
 def _probe(cfg: PretrainConfig, model: nn.Module, data: Data, first, dist) -> dict:

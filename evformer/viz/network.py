@@ -42,6 +42,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from evformer.engine.batchnorm import recalibrate_batchnorm
 from evformer.models.energy import EnergyReport
 from evformer.models.layers import ConvBNLIF, LinearBNLIF, SpikingSelfAttention
 from evformer.models.neurons import LIFNode, reset_net
@@ -340,23 +341,8 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     momenta are restored); returns ``model``.
     """
     _check_model_input(model, x)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
+    if not recalibrate_batchnorm(model, [x]):
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm layer")
-    momenta = [bn.momentum for bn in bns]
-    try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: after one batch, that batch's statistics
-        reset_net(model)
-        model.train()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.eval()
-        reset_net(model)
     return model
 
 
