@@ -212,13 +212,31 @@ def test_gather_conv_products_equal_numpy_on_team_and_prange(monkeypatch, max_co
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("block_bytes", [9 * 4 * 8 * 3 + 1, 9 * 4 * 8 * 3])
-def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter(block_bytes):
-    """GatherTaps.input_grad (each input row gathers the output gradients of the rows that
-    read it, all taps in one product, in blocks of three rows; or one product per tap when
-    the weight, 864 bytes here, is as large as a block) equals the scatter-add of every
-    output row's per-tap gradient, in float64, with T = 2."""
+@pytest.mark.parametrize("kernel_major", [False, True])
+@pytest.mark.parametrize(
+    "cin, cout, block_bytes",
+    [
+        # Cout <= Cin: the output gradients gathered, all taps in one product in blocks of
+        # three rows (a 9*3 float64 row of 216 bytes) / one product per tap (the 864-byte
+        # weight is as large as a block)
+        (4, 3, 9 * 3 * 8 * 3 + 1),
+        (4, 3, 9 * 4 * 3 * 8),
+        # Cin < Cout: products first (a tap's [T*(n_in+1), 3] float64 block), all nine taps
+        # at once, in groups of four (4, 4, 1), or one tap at a time
+        (3, 4, 10**6),
+        (3, 4, "four taps"),
+        (3, 4, 1),
+    ],
+)
+def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter(
+    monkeypatch, cin, cout, block_bytes, kernel_major
+):
+    """GatherTaps.input_grad (each input row gathers what the rows that read it send back:
+    their output gradients, or their per-tap products, whichever side is narrower) equals
+    the scatter-add of every output row's per-tap gradient, in float64, with T = 2, for every
+    blocking and for a weight in either memory order."""
     import evformer.kernels.fused as fused_mod
+    from evformer.models.layers import kernel_major as to_kernel_major
 
     g = torch.Generator().manual_seed(6)
     B, H, W, T = 2, 5, 6, 2
@@ -228,20 +246,44 @@ def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter(block_bytes):
     in_rows[b, ho, wo] = torch.arange(b.numel())
     n_in = b.numel()
     taps = fused_mod.GatherTaps.build(in_rows, b, ho, wo, (3, 3), 1, 1, n_in)
-    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
-    gy = torch.randn(T * n_in, 4, generator=g, dtype=torch.float64)
-    want = torch.zeros(T, n_in + 1, 3, dtype=torch.float64)
-    wt = weight.permute(2, 3, 1, 0).reshape(9, 3, 4)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    if kernel_major:
+        weight = to_kernel_major(weight)
+        assert weight.permute(2, 3, 1, 0).is_contiguous()
+    gy = torch.randn(T * n_in, cout, generator=g, dtype=torch.float64)
+    want = torch.zeros(T, n_in + 1, cin, dtype=torch.float64)
+    wt = weight.permute(2, 3, 1, 0).reshape(9, cin, cout)
     for t in range(T):
         for k in range(9):
             want[t].index_add_(0, taps.index[k], gy[t * n_in : (t + 1) * n_in] @ wt[k].t())
-    old = fused_mod._GATHER_BLOCK_BYTES
-    fused_mod._GATHER_BLOCK_BYTES = block_bytes
-    try:
-        got = taps.input_grad(gy, weight, T)
-    finally:
-        fused_mod._GATHER_BLOCK_BYTES = old
+    if block_bytes == "four taps":
+        block_bytes = 4 * T * (n_in + 1) * cin * 8
+    monkeypatch.setattr(fused_mod, "_GATHER_BLOCK_BYTES", block_bytes)
+    got = taps.input_grad(gy, weight, T)
     torch.testing.assert_close(got, want[:, :n_in], rtol=1e-12, atol=1e-12)
+
+
+def test_conv_units_keep_kernel_major_weights():
+    """ConvBNLIF's weight is in [KH, KW, Cin, Cout] memory order (what the fused kernels
+    read) with nn.Conv2d's values; loading a plain contiguous state dict and the gradient of
+    a fused step keep that order, and the unit's output equals one with a plain weight."""
+    from evformer.models.layers import ConvBNLIF
+
+    torch.manual_seed(0)
+    unit = ConvBNLIF(4, 6).train()
+    w = unit.conv.weight
+    assert w.permute(2, 3, 1, 0).is_contiguous() and not w.is_contiguous()
+    plain = ConvBNLIF(4, 6).train()
+    plain.load_state_dict({k: v.contiguous() for k, v in unit.state_dict().items()})
+    assert plain.conv.weight.permute(2, 3, 1, 0).is_contiguous()
+    plain.conv.weight = torch.nn.Parameter(unit.conv.weight.detach().contiguous())
+    x = (torch.rand(2, 3, 4, 8, 8) < 0.3).float()
+    out, out_plain = unit(x), plain(x)
+    assert torch.equal(out, out_plain)
+    out.sum().backward()
+    out_plain.sum().backward()
+    assert unit.conv.weight.grad.stride() == unit.conv.weight.stride()
+    torch.testing.assert_close(unit.conv.weight.grad, plain.conv.weight.grad)
 
 
 # ---- the fused unit: event-driven vs dense

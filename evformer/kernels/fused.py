@@ -333,7 +333,7 @@ class GatherTaps:
         """The conv at the visible output rows, ``[T*Rv, Cout]``, from :meth:`input_rows`
         (dense products: a gather and a matrix product per tap)."""
         Cout, Cin = weight.shape[:2]
-        wt = weight.permute(2, 3, 1, 0).reshape(-1, Cin, Cout)
+        wt = weight.permute(2, 3, 1, 0).reshape(-1, Cin, Cout)  # a view if kernel-major
         idx = self.steps(T)
         if bias is None:
             y = xr.new_zeros(idx.shape[1], Cout)
@@ -363,30 +363,49 @@ class GatherTaps:
         return torch.stack([xr.index_select(0, i).t().mm(gy) for i in idx])
 
     def input_grad(self, gy: torch.Tensor, weight: torch.Tensor, T: int) -> torch.Tensor:
-        """Input gradient ``[T, n_in, Cin]`` for the output gradient ``gy [T*Rv, Cout]``:
-        each input row gathers the output gradients of the rows that read it, all taps side
-        by side, and takes one ``[K*Cout, Cin]`` product, in blocks of rows (the gathered
-        block stays below :data:`_GATHER_BLOCK_BYTES`); a weight of that size or more takes
-        one product per tap instead."""
+        """Input gradient ``[T, n_in, Cin]`` for the output gradient ``gy [T*Rv, Cout]``.
+
+        For one tap, different output rows read different input rows, so each input row
+        gathers, never scatter-adds. Whichever side is narrower is gathered:
+
+        * ``Cin < Cout``: the products first, ``Z = gy W_k^T`` (``[T*Rv, Cin]`` per tap, taps
+          in groups whose products stay below :data:`_GATHER_BLOCK_BYTES`), then each input
+          row sums the rows of ``Z`` that read it, one per tap;
+        * else: each input row gathers the output gradients of the rows that read it, all
+          taps side by side, and takes one ``[K*Cout, Cin]`` product, in blocks of rows below
+          :data:`_GATHER_BLOCK_BYTES`; a weight of that size or more takes one product per
+          tap instead (a weight-sized ``[K*Cout, Cin]`` copy would set a masked step's peak
+          memory; those products are large enough to run at full speed)."""
         Cout, Cin = weight.shape[:2]
         K = weight.shape[2] * weight.shape[3]
-        gye = torch.cat([gy.view(T, -1, Cout), gy.new_zeros(T, 1, Cout)], 1).view(-1, Cout)
+        wk = weight.permute(2, 3, 1, 0).reshape(K, Cin, Cout)  # a view for kernel-major weights
         rev = self.reverse(T)
         n = rev.shape[1]
+        esize = gy.element_size()
+        if Cin < Cout:
+            Rv = gy.shape[0] // T
+            out = gy.new_zeros(n, Cin)
+            g = max(1, min(K, _GATHER_BLOCK_BYTES // max(1, T * (Rv + 1) * Cin * esize)))
+            for k0 in range(0, K, g):
+                k1 = min(K, k0 + g)
+                z = gy.new_empty(T, Rv + 1, (k1 - k0) * Cin)
+                z[:, Rv].zero_()  # each step's zero row: masked and out-of-image reads
+                wg = wk[k0:k1].reshape((k1 - k0) * Cin, Cout)
+                for t in range(T):
+                    torch.mm(gy[t * Rv : (t + 1) * Rv], wg.t(), out=z[t, :Rv])
+                z = z.view(-1, k1 - k0, Cin)
+                for k in range(k0, k1):
+                    out.add_(z[:, k - k0].index_select(0, rev[k]))
+            return out.view(T, self.n_in, Cin)
+        gye = torch.cat([gy.view(T, -1, Cout), gy.new_zeros(T, 1, Cout)], 1).view(-1, Cout)
         if weight.numel() * weight.element_size() >= _GATHER_BLOCK_BYTES:
-            # a large weight: one product per tap on its [Cout, Cin] slice (a weight-sized
-            # [K*Cout, Cin] copy would set a masked step's peak memory; these products are
-            # large enough to run at full speed)
             out = gy.new_zeros(n, Cin)
             for k in range(K):
-                out.addmm_(
-                    gye.index_select(0, rev[k]),
-                    weight[:, :, k // weight.shape[3], k % weight.shape[3]],
-                )
+                out.addmm_(gye.index_select(0, rev[k]), wk[k].t())
             return out.view(T, self.n_in, Cin)
-        wt = weight.permute(2, 3, 0, 1).reshape(K * Cout, Cin)  # [(k, o), c]
+        wt = wk.transpose(1, 2).reshape(K * Cout, Cin)  # [(k, o), c]
         out = gy.new_empty(n, Cin)
-        step = max(1, _GATHER_BLOCK_BYTES // (K * Cout * gy.element_size()))
+        step = max(1, _GATHER_BLOCK_BYTES // (K * Cout * esize))
         for j0 in range(0, n, step):
             j1 = min(n, j0 + step)
             g = gye.index_select(0, rev[:, j0:j1].t().reshape(-1)).view(j1 - j0, K * Cout)

@@ -156,6 +156,12 @@ class ConvBNLIF(_SynapseBNLIF):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+        # the fused kernels read the weight as [KH, KW, Cin, Cout] (an input spike adds one
+        # contiguous Cout row per tap) and write its gradient in that order: the parameter
+        # keeps that memory order, so neither the products nor the gradient accumulation
+        # transpose it (tens of ms per step for the large stem weights); its shape and values
+        # stay nn.Conv2d's, and load_state_dict copies into it
+        self.conv.weight = nn.Parameter(kernel_major(self.conv.weight.detach()))
         self.bn = nn.BatchNorm2d(out_channels)
         self.lif = LIFNode.from_params(lif, backend=check_backend(backend))
         self.pool = bool(pool)
@@ -245,6 +251,12 @@ class ConvBNLIF(_SynapseBNLIF):
         k = self.conv.kernel_size[0] * self.conv.kernel_size[1]
         Ho, Wo = _conv_out(x_shape[3], self.conv, 0), _conv_out(x_shape[4], self.conv, 1)
         return T * B * self.conv.out_channels * self.conv.in_channels * k * Ho * Wo
+
+
+def kernel_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [Cout, Cin, KH, KW]`` with the same values in ``[KH, KW, Cin, Cout]`` memory
+    order (``weight.permute(2, 3, 1, 0)`` is contiguous), the order the fused kernels read."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
