@@ -263,6 +263,33 @@ def test_masked_conv_input_gradient_is_a_gather_equal_to_a_scatter(
     torch.testing.assert_close(got, want[:, :n_in], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.9])  # event-driven and dense products
+def test_linear_units_keep_input_major_weights(density):
+    """LinearBNLIF's weight is in [Cin, Cout] memory order (what the event-driven product
+    reads) with nn.Linear's values; loading a plain state dict and the gradients of a fused
+    step keep that order, and output and gradients equal those of a plain weight."""
+    from evformer.models.layers import LinearBNLIF
+
+    torch.manual_seed(0)
+    unit = LinearBNLIF(16, 24).train()
+    w = unit.linear.weight
+    assert w.t().is_contiguous() and not w.is_contiguous()
+    plain = LinearBNLIF(16, 24).train()
+    plain.load_state_dict({k: v.contiguous() for k, v in unit.state_dict().items()})
+    assert plain.linear.weight.t().is_contiguous()
+    plain.linear.weight = torch.nn.Parameter(w.detach().contiguous())
+    x = (torch.rand(2, 3, 5, 16) < density).float()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, out_plain = unit(xa), plain(xb)
+    torch.testing.assert_close(out, out_plain)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_plain.backward(g)
+    assert unit.linear.weight.grad.stride() == w.stride()
+    torch.testing.assert_close(unit.linear.weight.grad, plain.linear.weight.grad)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 def test_conv_units_keep_kernel_major_weights():
     """ConvBNLIF's weight is in [KH, KW, Cin, Cout] memory order (what the fused kernels
     read) with nn.Conv2d's values; loading a plain contiguous state dict and the gradient of
