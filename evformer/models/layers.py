@@ -283,8 +283,8 @@ class LinearBNLIF(_SynapseBNLIF):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=bias)
         # [Cin, Cout] memory (the event-driven product adds one contiguous Cout row per input
-        # spike and writes its weight gradient in that order; BLAS reads either order): no
-        # per-call transpose of the weight or its gradient (as ConvBNLIF's kernel_major)
+        # spike and writes its weight gradient in that order): no per-call transpose of the
+        # weight or its gradient, as ConvBNLIF's kernel_major; oneDNN reorders it itself
         self.linear.weight = nn.Parameter(self.linear.weight.detach().t().contiguous().t())
         self.bn = nn.BatchNorm1d(out_features)
         self.lif = LIFNode.from_params(lif, backend=check_backend(backend))
