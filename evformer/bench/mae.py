@@ -21,7 +21,11 @@ so that freed blocks go back to the OS), on CUDA ``torch.cuda.max_memory_allocat
 the allocation before the step. The split runs each part's forward and backward alone (its
 input detached, with gradient) and keeps the best of ``--repeat``: the stem (sparse or
 dense SCS), the encoder blocks, and the decoder with the loss (masked) or the head with
-the cross-entropy (dense); the optimizer step is the rest.
+the cross-entropy (dense); the optimizer step is the rest. A last table says where the
+masked step's time goes: the encoder's own ratio (stem + blocks, masked over dense), the
+decoder's and the rest's shares of the dense step, and the step ratio the masked step would
+have if its encoder took exactly the visible fraction of the dense encoder's time (the
+lowest ratio masking alone can give with this decoder).
 Targets: masked step <= 0.35x the dense step's time and <= 0.5x its peak memory.
 """
 
@@ -155,6 +159,24 @@ def _worker(mode: str, config: str, args, what: str) -> dict:
     return out
 
 
+def _shares(ma: dict, de: dict, mask_ratio: float) -> list[str]:
+    """The split of the masked step against the dense step: the encoder's own ratio (stem +
+    blocks, masked over dense), the decoder's and the rest's (step minus the parts: optimizer
+    step, masking tables) shares of the dense step, and the step ratio the masked step would
+    have if its encoder cost exactly the visible fraction of the dense encoder (the decoder
+    and the rest as measured): the lowest time ratio masking alone can give."""
+    (m_stem, m_blocks, m_dec), (d_stem, d_blocks, _) = ma["parts"].values(), de["parts"].values()
+    dense_step = de["time_s"]
+    rest = max(0.0, ma["time_s"] - (m_stem + m_blocks + m_dec))
+    ideal = (1 - mask_ratio) * (d_stem + d_blocks) + m_dec + rest
+    return [
+        f"{(m_stem + m_blocks) / (d_stem + d_blocks):.2f}",
+        f"{m_dec / dense_step:.2f}",
+        f"{rest / dense_step:.2f}",
+        f"{ideal / dense_step:.2f}",
+    ]
+
+
 def _run_worker(mode: str, config: str, args, what: str) -> dict:
     extra = [mode, config, what, "--device", args.device, "--repeat", str(args.repeat)]
     extra += ["--batch", str(args.batch), "--mask-ratio", str(args.mask_ratio)]
@@ -198,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# torch {torch.__version__}, threads per worker {args.threads or os.cpu_count()}, "
         f"batch {args.batch}, mask ratio {args.mask_ratio}, V2-8-384 encoder, T = 1"
     )
-    rows, split, ok = [], [], True
+    rows, split, shares, ok = [], [], [], True
     t0 = time.perf_counter()
     for config in configs:
         res = {mode: _run_worker(mode, config, args, "memory") for mode in MODES}
@@ -224,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             parts = res[mode]["parts"]
             split.append([config, mode, *(f"{n}: {t:.3f}" for n, t in parts.items())])
+        shares.append([config, *_shares(ma, de, args.mask_ratio)])
     print_table(
         [
             "config",
@@ -238,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n### Forward + backward of each part alone (s, best of --repeat)\n")
     print_table(["config", "mode", "stem", "encoder blocks", "decoder / head"], split)
+    print("\n### Where the masked step's time goes (from the split above)\n")
+    print_table(
+        [
+            "config",
+            "encoder (stem + blocks) masked / dense",
+            "decoder + loss / dense step",
+            "masked rest (optimizer, tables) / dense step",
+            "ratio if the encoder took exactly the visible fraction",
+        ],
+        shares,
+    )
     print(f"\ntargets {'met' if ok else 'NOT met'}; total {time.perf_counter() - t0:.0f} s")
     return 0
 
