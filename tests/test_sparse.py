@@ -290,6 +290,31 @@ def test_linear_units_keep_input_major_weights(density):
     torch.testing.assert_close(xa.grad, xb.grad)
 
 
+def test_weight_memory_order_does_not_change_the_initialisation(monkeypatch):
+    """For one seed, a model whose conv and linear weights are kept in the kernels' memory
+    order has exactly the weights of the same model with plain contiguous weights (random
+    fills run in memory order, so the order must not leak into the drawn values)."""
+    import evformer.models.layers as layers
+    from evformer.models import create_model
+
+    kw = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, num_classes=10)
+
+    def build(name):
+        torch.manual_seed(0)
+        return create_model(name, **kw).state_dict()
+
+    for name in ("spikformer_cifar_4_384", "spikformer_v2_8_384"):
+        ours = build(name)
+        monkeypatch.setattr(layers, "kernel_major", lambda w: w)
+        monkeypatch.setattr(layers, "input_major", lambda w: w)
+        plain = build(name)
+        monkeypatch.undo()
+        assert ours.keys() == plain.keys()
+        assert any(not v.is_contiguous() for v in ours.values())
+        for k in ours:
+            assert torch.equal(ours[k], plain[k]), k
+
+
 def test_conv_units_keep_kernel_major_weights():
     """ConvBNLIF's weight is in [KH, KW, Cin, Cout] memory order (what the fused kernels
     read) with nn.Conv2d's values; loading a plain contiguous state dict and the gradient of

@@ -259,6 +259,12 @@ def kernel_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+def input_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [Cout, Cin]`` with the same values in ``[Cin, Cout]`` memory order
+    (``weight.t()`` is contiguous), the order the event-driven linear product reads."""
+    return weight.t().contiguous().t()
+
+
 def _conv_out(size: int, conv: nn.Conv2d, axis: int) -> int:
     k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
     return (size + 2 * p - k) // s + 1
@@ -285,7 +291,7 @@ class LinearBNLIF(_SynapseBNLIF):
         # [Cin, Cout] memory (the event-driven product adds one contiguous Cout row per input
         # spike and writes its weight gradient in that order): no per-call transpose of the
         # weight or its gradient, as ConvBNLIF's kernel_major; oneDNN reorders it itself
-        self.linear.weight = nn.Parameter(self.linear.weight.detach().t().contiguous().t())
+        self.linear.weight = nn.Parameter(input_major(self.linear.weight.detach()))
         self.bn = nn.BatchNorm1d(out_features)
         self.lif = LIFNode.from_params(lif, backend=check_backend(backend))
 

@@ -173,7 +173,12 @@ class _SpikformerBase(nn.Module):
         # as the official code (timm ViT style): Linear weights trunc-normal(0.02), bias 0;
         # convs keep PyTorch's default init; BatchNorm weight 1, bias 0
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            # drawn in the usual [out, in] order and copied: random fills run in memory
+            # order, and LinearBNLIF keeps its weight [in, out] in memory, so drawing in
+            # place would give different values for the same seed
+            w = torch.empty(m.weight.shape, dtype=m.weight.dtype, device=m.weight.device)
+            with torch.no_grad():
+                m.weight.copy_(nn.init.trunc_normal_(w, std=0.02))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
